@@ -1,0 +1,26 @@
+# `make demo` runs the main job, `make test` the whole test suite. Both create (or reuse)
+# a virtual environment in .venv and install the project with its extras into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test parity bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e ".[torch,dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) experiments/demo.py
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 -q tests parity_tests
+
+parity: $(STAMP)
+	$(PY) -m pytest -q parity_tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,303 @@
+"""The reversible stack as pure JAX: one ``custom_vjp`` around all layers.
+
+Layer i maps ``(X1, X2)`` to ``(Y1, Y2)``::
+
+    Y1 = X1 + F(X2)          X2 = Y2 - G(Y1)      (inverse, used by the backward)
+    Y2 = X2 + G(Y1)          X1 = Y1 - F(X2)
+
+Backward modes (``MODES``):
+
+* ``backprop``: plain autodiff through the forward scan; stores every layer's activations.
+* ``reprop``: the forward stores only the final ``(Y1, Y2)``. A reverse scan rebuilds each
+  layer's input from its output through ``jax.vjp`` of G and F and pulls the cotangents
+  through those VJPs straight away (Mangalam et al., "Reversible Vision Transformers", 2022).
+* ``pareprop``: the same work, scheduled as in PaReprop (Zhu et al., 2023): step i applies
+  the kept VJPs of layer i to the cotangents *and* rebuilds layer i-1 from layer i's rebuilt
+  input. The two halves share no data, so XLA may run them at once; on GPU they are put on
+  separate streams. Residuals travel in the scan carry as arrays.
+
+References: Gomez et al., "The Reversible Residual Network", 2017; Mangalam et al.,
+arXiv:2302.04869; Zhu et al., "PaReprop: Fast Parallelized Reversible Backpropagation",
+arXiv:2306.09342.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+MODES = ("backprop", "reprop", "pareprop")
+
+Fn = Callable[..., jax.Array]  # f(params_i, x, *shared, **per_layer_i) -> array like x
+PyTree = Any
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check(params_f, params_g, x1, x2, per_layer, mode) -> int:
+    """Validate inputs; return the depth (size of the stacked leading axis)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    x1, x2 = jnp.asarray(x1), jnp.asarray(x2)
+    if x1.shape != x2.shape or x1.dtype != x2.dtype:
+        raise ValueError(
+            "the two streams must match in shape and dtype, got "
+            f"x1 {x1.dtype}{list(x1.shape)} and x2 {x2.dtype}{list(x2.shape)}")
+    sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None
+             for leaf in jax.tree.leaves((params_f, params_g, per_layer))}
+    if not sizes:
+        raise ValueError("params_f/params_g are empty: cannot infer the depth")
+    if None in sizes or len(sizes) != 1:
+        raise ValueError(
+            "params and per_layer leaves must share one leading depth axis, "
+            f"got leading sizes {sorted(s for s in sizes if s is not None)}"
+            + (" and scalars" if None in sizes else ""))
+    (depth,) = sizes
+    if depth < 1:
+        raise ValueError("depth must be at least 1 (the stacked leading axis is empty)")
+    return depth
+
+
+def _inexact(x) -> bool:
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
+def _zero_cotangent(x):
+    """A zero cotangent for a non-differentiated input (float0 for ints and keys)."""
+    if _inexact(x):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+def _at(tree, i):
+    """Layer i's slice of a tree stacked on a leading depth axis (i may be traced)."""
+    return jax.tree.map(lambda a: lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+
+# ------------------------------------------------------------------------- one layer
+
+
+def _layer(f, g, pf, pg, x1, x2, shared, pl):
+    """Forward of one layer: ``Y1 = X1 + F(X2)``, ``Y2 = X2 + G(Y1)``."""
+    y1 = x1 + f(pf, x2, *shared, **pl)
+    y2 = x2 + g(pg, y1, *shared, **pl)
+    return y1, y2
+
+
+def _vjp_leaves(fn, known, *primals):
+    """``jax.vjp(fn, *primals)`` with the VJP flattened to arrays for a scan carry.
+
+    Residual leaves that *are* one of ``known`` (this layer's parameters and inputs, which
+    the step can index again) are left out of the carry; ``rebuild`` puts them back.
+    Returns ``(out, carried_leaves, spec)``; ``spec`` is static.
+    """
+    out, vjp = jax.vjp(fn, *primals)
+    leaves, treedef = jax.tree.flatten(vjp)
+    known_ids = {id(k): n for n, k in enumerate(known)}
+    slots = tuple(known_ids.get(id(leaf)) for leaf in leaves)
+    carried = [leaf for leaf, s in zip(leaves, slots) if s is None]
+    return out, carried, (treedef, slots)
+
+
+def _unflatten_vjp(spec, carried, known):
+    treedef, slots = spec
+    it = iter(carried)
+    leaves = [next(it) if s is None else known[s] for s in slots]
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _rebuild(f, g, pf, pg, y1, y2, shared, pl):
+    """Invert one layer keeping the VJPs of G and F: ``X2 = Y2 - G(Y1)``, ``X1 = Y1 - F(X2)``.
+
+    Returns ``((x1, x2), residual leaves, static spec)``.
+    """
+    known_g = tuple(jax.tree.leaves((pg, shared, pl)))
+    known_f = tuple(jax.tree.leaves((pf, shared, pl)))
+    g_out, res_g, spec_g = _vjp_leaves(lambda p, y: g(p, y, *shared, **pl), known_g, pg, y1)
+    x2 = y2 - g_out
+    f_out, res_f, spec_f = _vjp_leaves(lambda p, x: f(p, x, *shared, **pl), known_f, pf, x2)
+    x1 = y1 - f_out
+    return (x1, x2), (res_g, res_f), (spec_g, spec_f)
+
+
+def _grads(spec, res, pf, pg, shared, pl, dy1, dy2):
+    """Pull ``(dY1, dY2)`` through layer i's kept VJPs: returns ``(dX1, dX2), (dPf, dPg)``."""
+    spec_g, spec_f = spec
+    vjp_g = _unflatten_vjp(spec_g, res[0], tuple(jax.tree.leaves((pg, shared, pl))))
+    vjp_f = _unflatten_vjp(spec_f, res[1], tuple(jax.tree.leaves((pf, shared, pl))))
+    dpg, dy1_g = vjp_g(dy2)            # Y2 = X2 + G(Y1)
+    dx1 = dy1 + dy1_g                  # dY1 in total, which is also dX1 (Y1 = X1 + F(X2))
+    dpf, dx2_f = vjp_f(dx1)
+    dx2 = dy2 + dx2_f
+    return (dx1, dx2), (dpf, dpg)
+
+
+# ----------------------------------------------------------------------- GPU streams
+
+
+def _on_stream(fn, stream: int):
+    """``fn`` annotated to run on CUDA stream ``stream`` (jax 0.10: ``compute_on2``,
+    jax 0.11+: ``compute_on`` as a function wrapper)."""
+    from jax.experimental import compute_on as co
+
+    wrap = getattr(co, "compute_on2", None) or co.compute_on
+    from jax._src.core import MemorySpace  # the only spelling both versions accept
+
+    return wrap(fn, compute_type=f"gpu_stream:{stream}", out_memory_spaces=MemorySpace.Device)
+
+
+GRADS_STREAM, REBUILD_STREAM = 1, 2
+
+
+# -------------------------------------------------------------------------- the stack
+
+
+def _forward_scan(f, g, params_f, params_g, x1, x2, shared, per_layer):
+    def step(carry, xs):
+        pf, pg, pl = xs
+        return _layer(f, g, pf, pg, *carry, shared, pl), None
+
+    (y1, y2), _ = lax.scan(step, (x1, x2), (params_f, params_g, per_layer))
+    return y1, y2
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _reversible(f, g, mode, params_f, params_g, x1, x2, shared, per_layer):
+    return _forward_scan(f, g, params_f, params_g, x1, x2, shared, per_layer)
+
+
+def _reversible_fwd(f, g, mode, params_f, params_g, x1, x2, shared, per_layer):
+    y = _forward_scan(f, g, params_f, params_g, x1, x2, shared, per_layer)
+    return y, (y, params_f, params_g, shared, per_layer)  # no per-layer activations
+
+
+def _reversible_bwd(f, g, mode, saved, dy):
+    (y1, y2), params_f, params_g, shared, per_layer = saved
+    depth = jax.tree.leaves((params_f, params_g))[0].shape[0]
+    layer = lambda i: (_at(params_f, i), _at(params_g, i), _at(per_layer, i))
+    zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
+    grads0 = (zeros(params_f), zeros(params_g))
+
+    def put(grads, i, dp):  # write layer i's parameter gradients into the stacked buffers
+        return jax.tree.map(lambda a, d: lax.dynamic_update_index_in_dim(a, d, i, 0)
+                            if _inexact(a) else a, grads, dp)
+
+    if mode == "reprop":
+        def step(carry, i):
+            y, dy, grads = carry
+            pf, pg, pl = layer(i)
+            x, res, spec = _rebuild(f, g, pf, pg, *y, shared, pl)
+            dx, dp = _grads(spec, res, pf, pg, shared, pl, *dy)
+            return (x, dx, put(grads, i, dp)), None
+
+        (_, dx, grads), _ = lax.scan(step, ((y1, y2), dy, grads0), jnp.arange(depth),
+                                     reverse=True)
+    else:  # pareprop
+        # Prologue: rebuild the top layer, keeping its residuals.
+        pf, pg, pl = layer(depth - 1)
+        x_top, res_top, spec = _rebuild(f, g, pf, pg, y1, y2, shared, pl)
+
+        def halves(i, x_i, res_i, dy_i):
+            """(a) grads of layer i from its kept residuals; (b) rebuild of layer i-1."""
+            pf_i, pg_i, pl_i = layer(i)
+            pf_p, pg_p, pl_p = layer(i - 1)
+
+            def grads_half(res_i, dy_i):
+                return _grads(spec, res_i, pf_i, pg_i, shared, pl_i, *dy_i)
+
+            def rebuild_half(x_i):
+                x_p, res_p, spec_p = _rebuild(f, g, pf_p, pg_p, *x_i, shared, pl_p)
+                if [s[1] for s in spec_p] != [s[1] for s in spec]:
+                    raise AssertionError("a layer's residual layout changed between steps")
+                return x_p, res_p
+
+            def on_gpu():
+                return (_on_stream(grads_half, GRADS_STREAM)(res_i, dy_i),
+                        _on_stream(rebuild_half, REBUILD_STREAM)(x_i))
+
+            def elsewhere():
+                return grads_half(res_i, dy_i), rebuild_half(x_i)
+
+            return lax.platform_dependent(cuda=on_gpu, default=elsewhere)
+
+        def step(carry, i):
+            x_i, res_i, dy_i, grads = carry
+            (dx_i, dp_i), (x_p, res_p) = halves(i, x_i, res_i, dy_i)
+            return (x_p, res_p, dx_i, put(grads, i, dp_i)), None
+
+        carry = (x_top, res_top, dy, grads0)
+        if depth > 1:  # steps i = depth-1 .. 1
+            carry, _ = lax.scan(step, carry, jnp.arange(1, depth), reverse=True)
+        # Epilogue: grads of layer 0 (its residuals came from the last rebuild).
+        _, res_0, dy_0, grads = carry
+        pf, pg, pl = layer(0)
+        dx, dp = _grads(spec, res_0, pf, pg, shared, pl, *dy_0)
+        grads = put(grads, 0, dp)
+
+    zero = lambda t: jax.tree.map(_zero_cotangent, t)
+    grads = jax.tree.map(lambda p, d: d if _inexact(p) else _zero_cotangent(p),
+                         (params_f, params_g), grads)
+    return (*grads, *dx, zero(shared), zero(per_layer))
+
+
+_reversible.defvjp(_reversible_fwd, _reversible_bwd)
+
+
+def reversible(
+    f: Fn,
+    g: Fn,
+    params_f: PyTree,
+    params_g: PyTree,
+    x1: jax.Array,
+    x2: jax.Array,
+    shared: tuple = (),
+    per_layer: dict | None = None,
+    *,
+    mode: str,
+) -> tuple[jax.Array, jax.Array]:
+    """Run a stack of reversible layers; return the final ``(Y1, Y2)``.
+
+    Args:
+      f, g: pure functions ``f(params_i, x, *shared, **per_layer_i) -> array`` of x's
+        shape and dtype, the two halves of a layer (F: attention, G: MLP in a transformer).
+        Both receive the same ``shared`` and ``per_layer`` slice.
+      params_f, params_g: parameter pytrees whose leaves are stacked on a leading depth axis.
+      x1, x2: the two input streams (same shape and dtype).
+      shared: arrays the same for every layer (masks, positions). Not differentiated: they
+        are wrapped in ``stop_gradient``, so their gradient is exactly zero.
+      per_layer: dict of arrays stacked on the leading depth axis (e.g. alternating Swin
+        shifts, dropout keys); layer i gets ``per_layer[k][i]``. Not differentiated either.
+      mode: one of ``MODES``; ``backprop`` stores activations, ``reprop`` and ``pareprop``
+        store only the final outputs and rebuild the rest in the backward.
+
+    Raises:
+      ValueError: unknown mode, streams differing in shape or dtype, depth 0, or leaves
+        that disagree on the depth.
+    """
+    per_layer = {} if per_layer is None else dict(per_layer)
+    _check(params_f, params_g, x1, x2, per_layer, mode)
+    shared = jax.tree.map(lax.stop_gradient, tuple(shared))
+    per_layer = jax.tree.map(lax.stop_gradient, per_layer)
+    if mode == "backprop":
+        return _forward_scan(f, g, params_f, params_g, x1, x2, shared, per_layer)
+    return _reversible(f, g, mode, params_f, params_g, x1, x2, shared, per_layer)
+
+
+def invert(f: Fn, g: Fn, params_f: PyTree, params_g: PyTree, y1, y2, shared=(),
+           per_layer=None) -> tuple[jax.Array, jax.Array]:
+    """Rebuild the stack's inputs ``(X1, X2)`` from its outputs, layer by layer from the top."""
+    per_layer = {} if per_layer is None else dict(per_layer)
+
+    def step(y, xs):
+        pf, pg, pl = xs
+        x2 = y[1] - g(pg, y[0], *shared, **pl)
+        return (y[0] - f(pf, x2, *shared, **pl), x2), None
+
+    x, _ = lax.scan(step, (y1, y2), (params_f, params_g, per_layer), reverse=True)
+    return x

@@ -1,0 +1,390 @@
+"""The reversible core: gradients, inverse, saved memory, the PaReprop schedule, errors."""
+
+import contextlib
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+import revtorch
+from revtorch import core
+
+from .common import DIM, F, G, grads, loss_fn, make, rel_err
+
+TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+DEPTHS = (1, 2, 3, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("depth", DEPTHS)
+@pytest.mark.parametrize("mode", ["reprop", "pareprop"])
+def test_gradients_match_backprop(mode, depth, dtype):
+    stack, inputs = make(depth, dtype)
+    want_loss, want = grads(stack, inputs, "backprop")
+    got_loss, got = grads(stack, inputs, mode)
+    assert rel_err(got_loss, want_loss) <= (1e-5 if dtype == torch.float32 else 1e-9)
+    assert got.keys() == want.keys() and len(got) == 10 * depth + 2
+    for name in want:
+        assert rel_err(got[name], want[name]) <= TOL[dtype], name
+
+
+@pytest.mark.parametrize("mode", revtorch.MODES)
+def test_shared_and_per_layer_inputs_get_no_gradient(mode):
+    stack, inputs = make(3)
+    x1, x2, mask, pos, per_layer = inputs
+    grads(stack, inputs, mode)
+    assert pos.grad is None and per_layer["scale"].grad is None
+    assert x1.grad is not None and x2.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["reprop", "pareprop"])
+def test_inputs_without_grad_still_train_parameters(mode):
+    stack, (x1, x2, mask, pos, per_layer) = make(3)
+    x1, x2 = x1.detach(), x2.detach()
+    got, want = {}, {}
+    for m, out in ((mode, got), ("backprop", want)):
+        stack.zero_grad(set_to_none=True)
+        loss_fn(*stack(x1, x2, mask, pos, per_layer=per_layer, mode=m)).backward()
+        out.update({n: p.grad.clone() for n, p in stack.named_parameters()})
+    for name in want:
+        assert rel_err(got[name], want[name]) <= 1e-9, name
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_inverse_rebuilds_inputs(depth):
+    stack, (x1, x2, mask, pos, per_layer) = make(depth)
+    with torch.no_grad():
+        y1, y2 = stack(x1, x2, mask, pos, per_layer=per_layer)
+    r1, r2 = core.inverse(stack.f, stack.g, y1, y2, (mask, pos), per_layer)
+    assert rel_err(r1, x1) <= 1e-13 and rel_err(r2, x2) <= 1e-13
+    # pareprop's rebuild of the top layer gives the same inputs, and they map forward to Y
+    kw = core._slice(per_layer, depth - 1)
+    top = core._Rebuilt(stack.f[-1], stack.g[-1], y1, y2, (mask, pos), kw)
+    assert not top.x1.requires_grad and top.x2.is_leaf and top.y1.is_leaf
+    with torch.no_grad():
+        w1 = top.x1 + stack.f[-1](top.x2, mask, pos, **kw)
+        w2 = top.x2 + stack.g[-1](w1, mask, pos, **kw)
+    assert rel_err(w1, y1) <= 1e-13 and rel_err(w2, y2) <= 1e-13
+
+
+def saved_bytes(mode, depth):
+    """Bytes of the tensors saved for backward by forward + loss, leaving out the shared and
+    per-layer inputs (not activations, and the per-layer ones grow with depth by design)."""
+    stack, (x1, x2, mask, pos, per_layer) = make(depth, torch.float32, batch=4, tokens=16)
+    inputs = {t.untyped_storage().data_ptr() for t in (mask, pos, *per_layer.values())}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.untyped_storage().data_ptr() not in inputs:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(*stack(x1, x2, mask, pos, per_layer=per_layer, mode=mode))
+    loss.backward()  # the saved tensors are what backward used
+    return total
+
+
+@pytest.mark.parametrize("mode", revtorch.MODES)
+def test_saved_activation_bytes(mode):
+    small, large = saved_bytes(mode, 2), saved_bytes(mode, 8)
+    if mode == "backprop":
+        assert large > 3 * small
+    else:
+        assert large <= 1.1 * small
+
+
+# --- the PaReprop schedule, through stand-in streams that record work, events and waits ---
+
+
+class RecordingStreams(core.InOrderStreams):
+    """Runs everything in order, recording ``(op, stream, payload)`` for each call."""
+
+    def __init__(self):
+        self.log, self.events = [], itertools.count()
+
+    def on(self, k, label):
+        self.log.append(("work", k, label))
+        return contextlib.nullcontext()
+
+    def record(self, k):
+        event = next(self.events)
+        self.log.append(("record", k, event))
+        return event
+
+    def wait(self, k, event):
+        self.log.append(("wait", k, event))
+
+    def keep(self, tensor, k):
+        self.log.append(("keep", k, tensor))
+
+
+def happens_before(log):
+    """``before(a, b)``: log entry a is ordered before entry b on the device (same stream and
+    earlier, or through a recorded event some stream waited on)."""
+    preds, last, recorded = {}, {}, {}
+    for n, (op, k, payload) in enumerate(log):
+        preds[n] = {last[k]} if k in last else set()
+        if op == "record":
+            recorded[payload] = n
+        if op == "wait":
+            preds[n].add(recorded[payload])
+        last[k] = n
+
+    def before(a, b):
+        seen, todo = set(), [b]
+        while todo:
+            for p in preds[todo.pop()] - seen:
+                if p == a:
+                    return True
+                seen.add(p)
+                todo.append(p)
+        return False
+
+    return before
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_pareprop_schedule(depth, monkeypatch):
+    made = []
+    def streams_for(device):
+        made.append(RecordingStreams())
+        return made[-1]
+
+    monkeypatch.setattr(core, "_streams_for", streams_for)
+    stack, inputs = make(depth)
+    _, want = grads(stack, inputs, "backprop")
+    _, got = grads(stack, inputs, "pareprop")
+    assert len(made) == 1
+    for name in want:
+        assert rel_err(got[name], want[name]) <= 1e-9, name
+    log = made[0].log
+    before = happens_before(log)
+    work = {payload: n for n, (op, k, payload) in enumerate(log) if op == "work"}
+    stream = {payload: k for op, k, payload in log if op == "work"}
+    # host order: rebuild the top; then grads i, rebuild i-1, ...; grads 0
+    labels = [payload for op, _, payload in log if op == "work"]
+    expected = [("rebuild", depth - 1)]
+    for i in range(depth - 1, -1, -1):
+        expected += [("grads", i)] + ([("rebuild", i - 1)] if i else [])
+    assert labels == expected
+    for i in range(depth):
+        assert before(work["rebuild", i], work["grads", i])  # its rebuild is done
+        if i + 1 < depth:
+            assert before(work["grads", i + 1], work["grads", i])  # its cotangents are done
+            assert before(work["rebuild", i + 1], work["rebuild", i])  # its outputs are done
+        if i > 0:  # grads of i and the rebuild of i-1 overlap: other streams, unordered
+            a, b = work["grads", i], work["rebuild", i - 1]
+            assert stream["grads", i] != stream["rebuild", i - 1]
+            assert not before(a, b) and not before(b, a)
+    # the caller's stream: first an event every work stream waits on, last a wait on the end
+    assert log[0][:2] == ("record", core.CALLER) and log[-1][:2] == ("wait", core.CALLER)
+    for n in work.values():
+        assert before(0, n) and before(n, len(log) - 1)
+    assert [op for op, k, _ in log].count("wait") <= 2 * depth + 2  # no host-side syncs exist
+    kept = [k for op, k, _ in log if op == "keep"]
+    assert kept.count(core.CALLER) == 2  # dx1, dx2 handed to the caller's stream
+
+
+def test_reprop_and_backprop_use_no_streams(monkeypatch):
+    monkeypatch.setattr(core, "_streams_for", lambda device: pytest.fail("streams used"))
+    stack, inputs = make(2)
+    grads(stack, inputs, "reprop")
+    grads(stack, inputs, "backprop")
+
+
+def test_cpu_streams_are_in_order():
+    assert isinstance(core._streams_for(torch.device("cpu")), core.InOrderStreams)
+    assert not isinstance(core._streams_for(torch.device("cpu")), core.CudaStreams)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("depth", (1, 3, 4))
+def test_pareprop_on_cuda_streams(depth):
+    stack, inputs = make(depth)
+    stack.cuda()
+    inputs = [t.cuda().detach().requires_grad_(t.requires_grad) for t in inputs[:2]] + [
+        inputs[2].cuda(), inputs[3].cuda().detach(), {"scale": inputs[4]["scale"].cuda().detach()}]
+    _, want = grads(stack, inputs, "backprop")
+    for mode in ("reprop", "pareprop"):
+        _, got = grads(stack, inputs, mode)
+        for name in want:
+            assert rel_err(got[name], want[name]) <= 1e-9, (mode, name)
+
+
+# --- autograd integration and errors ---
+
+
+@pytest.mark.parametrize("mode", ["reprop", "pareprop"])
+def test_autograd_grad_is_a_clear_error(mode):
+    stack, (x1, x2, mask, pos, per_layer) = make(2)
+    loss = loss_fn(*stack(x1, x2, mask, pos, per_layer=per_layer, mode=mode))
+    with pytest.raises(RuntimeError, match=r"autograd\.grad.*loss\.backward\(\)"):
+        torch.autograd.grad(loss, [x1])
+    loss = loss_fn(*stack(x1, x2, mask, pos, per_layer=per_layer, mode=mode))
+    with pytest.raises(RuntimeError, match="inputs="):
+        loss.backward(inputs=[x1])
+
+
+@pytest.mark.parametrize("mode", ["reprop", "pareprop"])
+def test_autograd_grad_works_with_frozen_parameters(mode):
+    stack, (x1, x2, mask, pos, per_layer) = make(3)
+    stack.requires_grad_(False)
+    results = []
+    for m in ("backprop", mode):
+        loss = loss_fn(*stack(x1, x2, mask, pos, per_layer=per_layer, mode=m))
+        results.append(torch.autograd.grad(loss, [x1, x2]))
+    for got, want in zip(results[1], results[0]):
+        assert rel_err(got, want) <= 1e-9
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("mode", ["reprop", "pareprop"])
+def test_double_backward_is_a_clear_error(mode):
+    stack, (x1, x2, mask, pos, per_layer) = make(2)
+    loss = loss_fn(*stack(x1, x2, mask, pos, per_layer=per_layer, mode=mode))
+    with pytest.raises(RuntimeError, match="double backward"):
+        loss.backward(create_graph=True)
+    stack.zero_grad(set_to_none=True)  # break the create_graph reference cycles
+
+
+@pytest.mark.parametrize("mode", revtorch.MODES)
+def test_no_grad_forward_matches(mode):
+    stack, (x1, x2, mask, pos, per_layer) = make(3)
+    want = stack(x1, x2, mask, pos, per_layer=per_layer, mode="backprop")
+    with torch.no_grad():
+        got = stack(x1, x2, mask, pos, per_layer=per_layer, mode=mode)
+    assert not got[0].requires_grad
+    assert max(rel_err(a, b) for a, b in zip(got, want)) <= 1e-12
+
+
+@pytest.mark.parametrize("mode", ["reprop", "pareprop"])
+def test_outputs_modified_in_place_are_caught(mode):
+    stack, (x1, x2, mask, pos, per_layer) = make(2)
+    y1, y2 = stack(x1, x2, mask, pos, per_layer=per_layer, mode=mode)
+    y1.add_(1.0)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss_fn(y1, y2).backward()
+
+
+@pytest.mark.parametrize("mode", ["reprop", "pareprop"])
+def test_autocast_state_is_replayed_in_backward(mode):
+    seen = []
+
+    class Probe(G):
+        def forward(self, x, *shared, **per_layer):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.is_grad_enabled()))
+            return super().forward(x)
+
+    stack = revtorch.RevStack(Probe, Probe, depth=2).float()
+    x1, x2 = torch.randn(2, 3, DIM, requires_grad=True), torch.randn(2, 3, DIM)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1, y2 = stack(x1, x2, mode=mode)
+    (y1.float().sum() + y2.float().sum()).backward()
+    assert len(seen) == 8 and all(amp for amp, _ in seen)
+    assert [grad for _, grad in seen] == [False] * 4 + [True] * 4
+
+
+def x_pair(shape1=(2, 3, DIM), shape2=(2, 3, DIM), dtype2=torch.float64):
+    return torch.randn(*shape1, dtype=torch.float64), torch.randn(*shape2, dtype=dtype2)
+
+
+def layers(depth=2, f=F, g=G):
+    return [f().double() for _ in range(depth)], [g().double() for _ in range(depth)]
+
+
+@pytest.mark.parametrize("mode", revtorch.MODES)
+def test_input_errors(mode):
+    fs, gs = layers()
+    mask, pos = torch.ones(2, 3, dtype=torch.bool), torch.zeros(3, DIM, dtype=torch.float64)
+    scale = {"scale": torch.ones(2, DIM, dtype=torch.float64)}
+    ok = dict(shared=(mask, pos), per_layer=scale, mode=mode)
+    with pytest.raises(ValueError, match="shape"):
+        revtorch.reversible(fs, gs, *x_pair(shape2=(2, 4, DIM)), **ok)
+    with pytest.raises(ValueError, match="dtype"):
+        revtorch.reversible(fs, gs, *x_pair(dtype2=torch.float32), **ok)
+    with pytest.raises(TypeError, match="tensors"):
+        revtorch.reversible(fs, gs, [1.0], [1.0], **ok)
+    with pytest.raises(ValueError, match="depth"):
+        revtorch.reversible([], [], *x_pair(), **ok)
+    with pytest.raises(ValueError, match="one F and one G"):
+        revtorch.reversible(fs, gs[:1], *x_pair(), **ok)
+    with pytest.raises(TypeError, match="nn.Module"):
+        revtorch.reversible([lambda x: x] * 2, gs, *x_pair(), **ok)
+    with pytest.raises(TypeError, match="shared"):
+        revtorch.reversible(fs, gs, *x_pair(), shared=(mask, 1.0), per_layer=scale, mode=mode)
+    with pytest.raises(ValueError, match="leading axis 2"):
+        bad = {"scale": torch.ones(3, DIM, dtype=torch.float64)}
+        revtorch.reversible(fs, gs, *x_pair(), shared=(mask, pos), per_layer=bad, mode=mode)
+    revtorch.reversible(fs, gs, *x_pair(), **ok)  # and the good call runs
+
+
+@pytest.mark.parametrize("mode", ["", "Reprop", "checkpoint", None])
+def test_unknown_mode(mode):
+    fs, gs = layers()
+    with pytest.raises(ValueError, match="unknown mode"):
+        revtorch.reversible(fs, gs, *x_pair(), mode=mode)
+
+
+class Counter(nn.Module):
+    """Adds a constant, counting its calls in a buffer: state updated during a call."""
+
+    def __init__(self, reassign=False):
+        super().__init__()
+        self.reassign = reassign
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x, *shared, **per_layer):
+        if self.reassign:
+            self.calls = self.calls + 1
+        else:
+            self.calls += 1
+        return torch.ones_like(x)
+
+
+class Shrink(nn.Module):
+    def forward(self, x, *shared, **per_layer):
+        return x[..., :1]
+
+
+@pytest.mark.parametrize("mode", revtorch.MODES)
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda: nn.Sequential(nn.Linear(DIM, DIM), nn.BatchNorm1d(3)), "BatchNorm1d in training"),
+        (lambda: nn.Dropout(0.1), "Dropout"),
+        (lambda: Counter(), "changed a registered buffer"),
+        (lambda: Counter(reassign=True), "changed a registered buffer"),
+        (Shrink, "must return a tensor of shape"),
+    ],
+)
+def test_stateful_or_misshapen_layers_are_refused(mode, bad, match):
+    x1, x2 = x_pair()
+    for fs, gs in ((bad, G), (F, bad)):
+        stack = revtorch.RevStack(fs, gs, depth=2).double()
+        with pytest.raises(ValueError, match=match):
+            mask, pos = torch.ones(2, 3, dtype=torch.bool), torch.zeros(3, DIM, dtype=torch.float64)
+            scale = torch.ones(2, DIM, dtype=torch.float64)
+            stack(x1, x2, mask, pos, per_layer={"scale": scale}, mode=mode)
+
+
+@pytest.mark.parametrize("mode", revtorch.MODES)
+def test_batchnorm_and_dropout_without_state_updates_are_fine(mode):
+    class NormDrop(nn.Module):
+        def __init__(self, track=True):
+            super().__init__()
+            self.bn, self.drop = nn.BatchNorm1d(3, track_running_stats=track), nn.Dropout(0.5)
+
+        def forward(self, x, *shared, **per_layer):
+            return self.drop(self.bn(x))
+
+    x1, x2 = x_pair()
+    x1.requires_grad_()
+    evaluated = revtorch.RevStack(NormDrop, NormDrop, depth=2).double().eval()
+    loss_fn(*evaluated(x1, x2, mode=mode)).backward()
+    batch_stats = revtorch.RevStack(lambda: NormDrop(track=False), G, depth=2).double()
+    batch_stats.f.apply(lambda m: m.eval() if isinstance(m, nn.Dropout) else None)
+    loss_fn(*batch_stats(x1, x2, mode=mode)).backward()  # batch statistics, no running state
