@@ -1,11 +1,14 @@
 """revjax: reversible transformers with Reprop and PaReprop backward for JAX / Flax NNX.
 
-Public API: ``MODES``, ``reversible`` (the pure-JAX core), ``invert``, ``RevStack``.
+Public API: ``MODES``, ``reversible`` (the pure-JAX core), ``invert``, ``RevStack``,
+``ResidualStack`` (the standard twin), ``models`` (registry: ``build``, ``names``).
 """
 
+from . import models
 from .core import MODES, invert, reversible
-from .stack import RevStack
+from .stack import ResidualStack, RevStack
 
 __version__ = "0.1.0"
 
-__all__ = ["MODES", "RevStack", "invert", "reversible", "__version__"]
+__all__ = ["MODES", "ResidualStack", "RevStack", "invert", "models", "reversible",
+           "__version__"]

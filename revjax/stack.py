@@ -10,7 +10,7 @@ from flax import nnx
 from .core import MODES, reversible
 
 
-def _stacked(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs):
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs):
     """``depth`` independently initialised copies of ``make(rngs)``, stacked on axis 0."""
 
     @nnx.split_rngs(splits=depth)
@@ -64,8 +64,8 @@ class RevStack(nnx.Module):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.depth, self.mode = depth, mode
-        self.f = _stacked(make_f, depth, rngs)
-        self.g = _stacked(make_g, depth, rngs)
+        self.f = stacked(make_f, depth, rngs)
+        self.g = stacked(make_g, depth, rngs)
         for name, module in (("F", self.f), ("G", self.g)):
             mutable = nnx.state(module, nnx.Not(nnx.Param))
             bad = {type(v).__name__ for v in jax.tree.leaves(
@@ -84,3 +84,29 @@ class RevStack(nnx.Module):
         g, state_g = _stateless_fn(self.g, "G")
         return reversible(f, g, state_f, state_g, x1, x2, shared, per_layer,
                           mode=self.mode if mode is None else mode)
+
+
+class ResidualStack(nnx.Module):
+    """The standard (non-reversible) twin of ``RevStack``: ``x = x + F(x); x = x + G(x)`` per
+    layer on one stream, with the same stacked F and G, run as one scan under plain autodiff.
+    """
+
+    def __init__(self, make_f, make_g, *, depth: int, rngs: nnx.Rngs):
+        if not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        self.depth = depth
+        self.f = stacked(make_f, depth, rngs)
+        self.g = stacked(make_g, depth, rngs)
+
+    def __call__(self, x: jax.Array, *shared: jax.Array, per_layer: dict | None = None
+                 ) -> jax.Array:
+        graph_f, state_f = nnx.split(self.f)
+        graph_g, state_g = nnx.split(self.g)
+
+        def step(x, xs):
+            sf, sg, pl = xs
+            x = x + nnx.merge(graph_f, sf)(x, *shared, **pl)
+            return x + nnx.merge(graph_g, sg)(x, *shared, **pl), None
+
+        x, _ = jax.lax.scan(step, x, (state_f, state_g, per_layer or {}))
+        return x
