@@ -178,6 +178,12 @@ def _reversible_fwd(f, g, mode, params_f, params_g, x1, x2, shared, per_layer):
 
 
 def _reversible_bwd(f, g, mode, saved, dy):
+    # Always traced (also under eager jax.grad) so that the prologue's residual layout is
+    # the one the scan step produces: parameters are then recognised by identity.
+    return jax.jit(partial(_backward, f, g, mode))(saved, dy)
+
+
+def _backward(f, g, mode, saved, dy):
     (y1, y2), params_f, params_g, shared, per_layer = saved
     depth = jax.tree.leaves((params_f, params_g))[0].shape[0]
     layer = lambda i: (_at(params_f, i), _at(params_g, i), _at(per_layer, i))

@@ -1,4 +1,5 @@
-"""RevStack: a stack of reversible layers as an ``nn.Module``, the mode a switch on the call."""
+"""RevStack: a stack of reversible layers as an ``nn.Module``, the mode a switch on the call;
+ResidualStack: its standard (non-reversible) twin."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections.abc import Callable, Mapping
 
 from torch import Tensor, nn
 
-from revtorch.core import MODES, reversible
+from revtorch.core import MODES, _slice, reversible
 
 
 def _check_mode(mode: str) -> str:
@@ -65,6 +66,59 @@ class RevStack(nn.Module):
 
     def extra_repr(self) -> str:
         return f"depth={self.depth}, mode={self.mode!r}"
+
+
+class ResidualStack(nn.Module):
+    """The standard (non-reversible) twin of ``RevStack``: ``x = x + F_i(x); x = x + G_i(x)``
+    per layer on one stream, with the same F and G, under plain autograd (backprop only).
+
+    Args and layout as ``RevStack`` (``self.f``, ``self.g``), without ``mode``. Called
+    ``stack(x, *shared, per_layer=None)``; ``shared`` and ``per_layer`` are detached.
+    """
+
+    def __init__(
+        self,
+        make_f: Callable[[], nn.Module],
+        make_g: Callable[[], nn.Module],
+        *,
+        depth: int,
+    ) -> None:
+        super().__init__()
+        self.f, self.g = _layers(make_f, make_g, depth)
+
+    @property
+    def depth(self) -> int:
+        return len(self.f)
+
+    def forward(
+        self, x: Tensor, *shared: Tensor, per_layer: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        shared = tuple(t.detach() for t in shared)
+        per_layer = {k: v.detach() for k, v in (per_layer or {}).items()}
+        for k, v in per_layer.items():
+            if v.dim() == 0 or v.shape[0] != self.depth:
+                raise ValueError(
+                    f"per_layer[{k!r}] must be a tensor with leading axis {self.depth} (the depth)"
+                )
+        for i, (f, g) in enumerate(zip(self.f, self.g)):
+            kw = _slice(per_layer, i)
+            x = x + f(x, *shared, **kw)
+            x = x + g(x, *shared, **kw)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}"
+
+
+def _layers(make_f, make_g, depth: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """``depth`` fresh F and G modules, after checking ``depth``."""
+    if isinstance(depth, bool) or not isinstance(depth, int):
+        raise TypeError(f"depth must be an int, got {type(depth).__name__}")
+    if depth < 1:
+        raise ValueError(f"depth must be at least 1, got {depth}")
+    f = nn.ModuleList(_made(make_f, "make_f") for _ in range(depth))
+    g = nn.ModuleList(_made(make_g, "make_g") for _ in range(depth))
+    return f, g
 
 
 def _made(make: Callable[[], nn.Module], name: str) -> nn.Module:

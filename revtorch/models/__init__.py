@@ -1,0 +1,45 @@
+"""Model registry: ``build(name, *, mode=None, **overrides)`` and ``names()``.
+
+Names are ``rev-<family>-<variant>`` (reversible) and ``<family>-<variant>`` (the standard
+twin); each family file registers its rows with ``register``. The twin of
+``revjax.models``: same names, same config fields, same parameter counts.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str, builder: Callable[..., nn.Module]) -> None:
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is registered twice")
+    _REGISTRY[name] = builder
+
+
+def names() -> list[str]:
+    """All registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def build(name: str, *, mode: str | None = None, **overrides) -> nn.Module:
+    """Build a registered model.
+
+    ``mode`` is the default backward mode (``revtorch.MODES``); ``None`` means ``pareprop``
+    for reversible models and ``backprop`` for standard twins, which accept nothing else.
+    ``overrides`` replace fields of the variant's config (``depth``, ``dim``, ``heads``,
+    ``mlp_ratio``, ``num_classes``, ``img_size``, ``patch_size``, ``dtype``, ``param_dtype``,
+    ``drop_rate``, ``drop_path_rate``, ...); unknown keys are an error. Build under
+    ``with torch.device("meta"):`` to inspect a large model without allocating it.
+    """
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(names())}")
+    return _REGISTRY[name](mode=mode, **overrides)
+
+
+from . import vit  # noqa: E402,F401  (registers the ViT family)
+
+__all__ = ["build", "names", "register"]
