@@ -1,0 +1,45 @@
+"""Parameter counts of every registered family, without allocating (``nnx.eval_shape``),
+beside the standard models' published counts.
+
+    python experiments/param_counts.py
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import table  # noqa: E402
+
+import revjax  # noqa: E402
+
+# Published counts (millions) of the standard models, with their class token where they
+# have one: DeiT-Ti/S (Touvron et al., 2021), ViT-B/L/H (Dosovitskiy et al., 2021).
+PUBLISHED = {"vit-ti": 5.7, "vit-s": 22.1, "vit-b": 86.6, "vit-l": 304.3, "vit-h": 632.0}
+
+
+def count(name: str) -> int:
+    model = nnx.eval_shape(lambda: revjax.models.build(name, rngs=nnx.Rngs(0)))
+    return sum(a.size for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def main() -> None:
+    rows = []
+    for name in revjax.models.names():
+        if not name.startswith("rev-") or name.endswith("-test"):
+            continue
+        std_name = name[len("rev-"):]
+        rev, std = count(name), count(std_name)
+        pub = PUBLISHED.get(std_name)
+        rows.append({"model": name, "reversible": f"{rev:,}", "standard twin": f"{std:,}",
+                     "published (standard)": f"{pub}M" if pub else "",
+                     "reversible - standard": f"+{rev - std:,} ({100 * (rev - std) / std:.2f}%)"})
+    print(table(rows, list(rows[0])))
+
+
+if __name__ == "__main__":
+    main()
