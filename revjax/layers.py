@@ -57,10 +57,11 @@ class Attention(nnx.Module):
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (b, n, h, d)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        acc = jnp.promote_types(q.dtype, jnp.float32)  # float32 (or wider) logits and softmax
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=acc)
         logits = logits * (c // self.heads) ** -0.5
         if mask is not None:
-            logits = jnp.where(mask[:, None, None, :] > 0, logits, jnp.finfo(jnp.float32).min)
+            logits = jnp.where(mask[:, None, None, :] > 0, logits, jnp.finfo(acc).min)
         attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)  # softmax in float32
         out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, c)
         return self.proj(out)
