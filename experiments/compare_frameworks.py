@@ -1,0 +1,103 @@
+"""revjax next to revtorch: gradient-step time per mode for the same model, batch and image
+size, with each framework's memory measure (jax: compiled temp bytes of the gradient
+function; torch: bytes of tensors autograd saves for backward, via saved_tensors_hooks).
+
+    python experiments/compare_frameworks.py                         # rev-vit-s, 64 px, batch 4
+    python experiments/compare_frameworks.py --model rev-vit-test --img 32 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import torch
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import atomic_write_json, environment, interleaved_medians, table  # noqa: E402
+
+import revjax  # noqa: E402
+import revtorch  # noqa: E402
+from revjax.train import cross_entropy_loss  # noqa: E402
+
+
+def jax_steps(name, img, batch, depth):
+    over = {"img_size": img} | ({"depth": depth} if depth else {})
+    model = revjax.models.build(name, rngs=nnx.Rngs(0), **over)
+    graphdef, params = nnx.split(model)
+    images = jax.random.normal(jax.random.key(0), (batch, img, img, 3))
+    labels = jax.random.randint(jax.random.key(1), (batch,), 0, model.config.num_classes)
+
+    def loss(params, mode):
+        return cross_entropy_loss(nnx.merge(graphdef, params)(images, mode=mode), labels)
+
+    fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    compiled = {m: fn.lower(params, m).compile() for m in revjax.MODES}
+    steps = {m: (lambda c=c: jax.block_until_ready(c(params))) for m, c in compiled.items()}
+    mem = {m: c.memory_analysis().temp_size_in_bytes for m, c in compiled.items()}
+    return steps, mem
+
+
+def torch_steps(name, img, batch, depth):
+    over = {"img_size": img} | ({"depth": depth} if depth else {})
+    torch.manual_seed(0)
+    model = revtorch.models.build(name, **over)
+    images = torch.randn(batch, 3, img, img)
+    labels = torch.randint(0, model.config.num_classes, (batch,))
+
+    def step(mode):
+        model.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(images, mode=mode), labels)
+        loss.backward()
+
+    def saved_bytes(mode):
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = torch.nn.functional.cross_entropy(model(images, mode=mode), labels)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return total
+
+    return ({m: (lambda m=m: step(m)) for m in revtorch.MODES},
+            {m: saved_bytes(m) for m in revtorch.MODES})
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="rev-vit-s")
+    ap.add_argument("--img", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--depth", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--out", default="results/compare_frameworks.json")
+    args = ap.parse_args(argv)
+    j_steps, j_mem = jax_steps(args.model, args.img, args.batch, args.depth)
+    t_steps, t_mem = torch_steps(args.model, args.img, args.batch, args.depth)
+    times = interleaved_medians({**{("jax", m): f for m, f in j_steps.items()},
+                                 **{("torch", m): f for m, f in t_steps.items()}},
+                                warmup=2, reps=args.reps)
+    rows = [{"mode": m,
+             "revjax step ms": f"{1e3 * times['jax', m]:.1f}",
+             "revtorch step ms": f"{1e3 * times['torch', m]:.1f}",
+             "revjax temp MiB": f"{j_mem[m] / 2**20:.1f}",
+             "revtorch saved-activation MiB": f"{t_mem[m] / 2**20:.2f}"}
+            for m in revjax.MODES]
+    print(f"{args.model}, {args.img} px, batch {args.batch}, torch threads "
+          f"{torch.get_num_threads()}")
+    print(table(rows, list(rows[0])))
+    atomic_write_json(args.out, {"args": vars(args), "rows": rows,
+                                 "environment": environment()})
+
+
+if __name__ == "__main__":
+    main()
