@@ -52,7 +52,8 @@ def max_grad_err(got, want):
 
 def test_registry_and_layout():
     want = {f"{p}vit-{v}" for p in ("rev-", "") for v in ("ti", "s", "b", "l", "h", "test")}
-    assert set(models.names()) == want and models.names() == sorted(want)
+    vit_names = [n for n in models.names() if n.startswith(("rev-vit-", "vit-"))]
+    assert set(vit_names) == want and models.names() == sorted(models.names())
     assert revtorch.models is models and revtorch.ResidualStack is not None
     rev, std = vit(), vit("vit-test")
     assert rev.mode == "pareprop" and std.mode == "backprop"
@@ -93,7 +94,7 @@ def count(c: ViTConfig) -> int:
     return embed + c.depth * (attn + mlp) + 2 * width + width * c.num_classes + c.num_classes
 
 
-@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("name", [n for n in models.names() if "vit-" in n])
 def test_parameter_counts(name):
     with torch.device("meta"):  # no allocation, even for ViT-H
         model = models.build(name)

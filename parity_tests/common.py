@@ -1,0 +1,278 @@
+"""The cross-framework comparison, written once: the parity tests assert on it and
+``experiments/parity_report.py`` tabulates it.
+
+A case is (model, dtype, depth). Its two models hold the same weights: the revtorch model is
+built from torch's seed and loaded into the revjax model with ``revjax.interop.torch``. Both
+see the same images (NHWC for jax, NCHW for torch) and the same loss ``sum(logits * w)``
+with a fixed random ``w``, so the gradients are one vector-Jacobian product. Results are
+cached per case and framework: a 3 x 3 table of mode pairs costs 3 + 3 gradient runs, and
+jax compiles one program per graphdef (forward and every mode's gradients; modes static).
+
+Differences are ``max|jax - torch| / max|torch|`` (CONVENTIONS), per output and per
+parameter leaf (in the revjax layout), the largest reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+import revjax
+import revtorch
+from revjax.interop.torch import from_torch, state_from_torch
+from tests.helpers import rel_err
+
+MODELS = ("rev-vit-test", "vit-test")
+DTYPES = ("float32", "float64")
+DEPTHS = (1, 2, 3)
+BATCH = 2
+SEED = 0
+# CONVENTIONS: float64 <= 1e-9 for outputs and gradients; float32 <= 1e-5 outputs, 1e-4 grads.
+TOL = {"float32": {"forward": 1e-5, "grad": 1e-4}, "float64": {"forward": 1e-9, "grad": 1e-9}}
+# The parity programs are tiny and each runs once: skip LLVM's optimisations (halves XLA:CPU
+# compile time; the HLO, and so the arithmetic, is the same).
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+JAX_DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def modes(name: str) -> tuple[str, ...]:
+    """The backward modes a model takes: all three when reversible, else backprop."""
+    return revjax.MODES if name.startswith("rev-") else ("backprop",)
+
+
+def cases() -> list[tuple[str, str, int]]:
+    """Every (model, dtype, depth)."""
+    return [(n, d, k) for n in MODELS for d in DTYPES for k in DEPTHS]
+
+
+def mode_cases() -> list[tuple[str, str, int, str, str]]:
+    """Every (model, dtype, depth, jax mode, torch mode)."""
+    return [(n, d, k, jm, tm) for n, d, k in cases() for jm in modes(n) for tm in modes(n)]
+
+
+@contextlib.contextmanager
+def precision(dtype: str):
+    """Where the jax side of a comparison runs: on the CPU (as revtorch's models here, and
+    free of GPU TF32 matmuls), with jax's x64 switch for float64, as a context (nothing leaks
+    into other tests)."""
+    x64 = jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext()
+    with x64, jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# The two models and the inputs of one case.
+
+
+@functools.cache
+def models(name: str, dtype: str, depth: int):
+    """(revjax model, revtorch model) with the same weights; the jax one is built abstract
+    (``nnx.eval_shape``, no initialisation) and filled from torch, under ``precision(dtype)``
+    (as it must be used)."""
+    torch.manual_seed(SEED)
+    tmodel = revtorch.models.build(name, depth=depth, param_dtype=TORCH_DTYPES[dtype])
+    with precision(dtype):
+        jmodel = nnx.eval_shape(lambda: revjax.models.build(
+            name, rngs=nnx.Rngs(SEED), depth=depth, param_dtype=JAX_DTYPES[dtype]))
+        from_torch(jmodel, tmodel.state_dict())
+    return jmodel, tmodel
+
+
+@functools.cache
+def inputs(name: str, dtype: str, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """(NHWC images, loss weights w of the logits' shape) as numpy arrays in ``dtype``."""
+    config = models(name, dtype, depth)[0].config
+    rng = np.random.default_rng(SEED)
+    x = rng.standard_normal((BATCH, config.img_size, config.img_size, config.in_chans))
+    w = rng.standard_normal((BATCH, config.num_classes))
+    return x.astype(dtype), w.astype(dtype)
+
+
+def to_nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# One framework, one mode: logits, parameter gradients (revjax layout, flat) and input grad.
+
+
+@functools.cache
+def _jax_program(graphdef, modes: tuple[str, ...]):
+    """One jitted program per graphdef: the plain forward (no differentiation) and, for each
+    of ``modes`` (static), ``value_and_grad`` of the loss with respect to the parameters and
+    the images. One program instead of one per mode: XLA:CPU compiles it in about 2/3 of
+    the time."""
+
+    def run(params, rest, x, w):
+        def loss(params, x, mode):
+            logits = nnx.merge(graphdef, params, rest)(x, mode=mode)
+            return jnp.sum(logits * w), logits
+
+        out = {"forward": nnx.merge(graphdef, params, rest)(x)}
+        for mode in modes:
+            (_, logits), (g_params, g_x) = jax.value_and_grad(
+                loss, argnums=(0, 1), has_aux=True)(params, x, mode)
+            out[mode] = {"logits": logits, "params": g_params, "input": g_x}
+        return out
+
+    return jax.jit(run, compiler_options=COMPILER_OPTIONS)
+
+
+def _flat(state: nnx.State) -> dict[str, np.ndarray]:
+    return {".".join(map(str, p)): np.asarray(v.get_value())
+            for p, v in nnx.to_flat_state(state)}
+
+
+@functools.cache
+def jax_results(name: str, dtype: str, depth: int) -> dict:
+    """revjax: {"forward": logits of the plain forward, mode: {"logits", "params" (flat
+    dict, revjax layout), "input" (NHWC)} for each of ``modes(name)``}, as numpy."""
+    jmodel, _ = models(name, dtype, depth)
+    x, w = inputs(name, dtype, depth)
+    with precision(dtype):
+        graphdef, params, rest = nnx.split(jmodel, nnx.Param, ...)
+        out = _jax_program(graphdef, modes(name))(params, rest, jnp.asarray(x), jnp.asarray(w))
+        return {k: np.asarray(v) if k == "forward" else
+                {"logits": np.asarray(v["logits"]), "params": _flat(v["params"]),
+                 "input": np.asarray(v["input"])} for k, v in out.items()}
+
+
+def jax_forward(name: str, dtype: str, depth: int) -> np.ndarray:
+    """Logits of the revjax model's plain forward."""
+    return jax_results(name, dtype, depth)["forward"]
+
+
+def jax_grads(name: str, dtype: str, depth: int, mode: str) -> dict:
+    """{"logits", "params", "input"} from revjax in ``mode``."""
+    return jax_results(name, dtype, depth)[mode]
+
+
+@functools.cache
+def torch_forward(name: str, dtype: str, depth: int) -> np.ndarray:
+    """Logits of the revtorch model (no autograd)."""
+    _, tmodel = models(name, dtype, depth)
+    x, _ = inputs(name, dtype, depth)
+    with torch.no_grad():
+        return tmodel(to_nchw(x)).numpy()
+
+
+@functools.cache
+def torch_grads(name: str, dtype: str, depth: int, mode: str) -> dict:
+    """The same from revtorch after ``loss.backward()``; parameter gradients converted to the
+    revjax layout by the weight converter, the input gradient to NHWC."""
+    jmodel, tmodel = models(name, dtype, depth)
+    x, w = inputs(name, dtype, depth)
+    tmodel.zero_grad(set_to_none=True)
+    xt = to_nchw(x).requires_grad_()
+    logits = tmodel(xt, mode=mode)
+    (logits * torch.from_numpy(w)).sum().backward()
+    grads = {k: p.grad for k, p in tmodel.named_parameters()}
+    with precision(dtype):
+        g_params = _flat(state_from_torch(jmodel, grads))
+    return {"logits": logits.detach().numpy(), "params": g_params,
+            "input": xt.grad.numpy().transpose(0, 2, 3, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparisons.
+
+
+def forward_diff(name: str, dtype: str, depth: int) -> float:
+    """Relative difference of the plain forward outputs."""
+    return rel_err(jax_forward(name, dtype, depth), torch_forward(name, dtype, depth))
+
+
+def grad_diffs(name: str, dtype: str, depth: int, jax_mode: str, torch_mode: str) -> dict:
+    """Relative differences between revjax in ``jax_mode`` and revtorch in ``torch_mode``:
+    ``logits`` (the differentiated forward), ``input`` (image gradient), ``params`` (the
+    largest over parameter leaves) and ``worst`` (that leaf's path)."""
+    a = jax_grads(name, dtype, depth, jax_mode)
+    b = torch_grads(name, dtype, depth, torch_mode)
+    assert a["params"].keys() == b["params"].keys()
+    per_leaf = {k: rel_err(a["params"][k], b["params"][k]) for k in a["params"]}
+    worst = max(per_leaf, key=per_leaf.get)
+    return {"logits": rel_err(a["logits"], b["logits"]), "input": rel_err(a["input"], b["input"]),
+            "params": per_leaf[worst], "worst": worst}
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: PaReprop against Reprop in each framework (speed, and the gradients still agreeing).
+# Rev-ViT-L at 224 px, batch 64, float32 (PaReprop: Zhu & Mangalam 2023, arXiv:2306.09342,
+# benchmark Rev-ViT-L at 224 px over training batch sizes). Bounded: two compiles (jax), one
+# gradient step per mode for the comparison, then GPU_WARMUP + GPU_STEPS timed rounds.
+
+GPU_MODEL, GPU_IMG, GPU_BATCH = "rev-vit-l", 224, 64
+GPU_WARMUP, GPU_STEPS = 2, 5
+GPU_MODES = ("reprop", "pareprop")
+
+
+def jax_gpus() -> list:
+    """jax's GPU devices (empty without a CUDA backend)."""
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        return []
+
+
+def _timing():
+    from experiments.common import interleaved_medians  # the timing every experiment uses
+
+    return functools.partial(interleaved_medians, warmup=GPU_WARMUP, reps=GPU_STEPS)
+
+
+def jax_gpu_speed(device=None) -> dict:
+    """revjax on ``device`` (default: the first GPU): {"seconds": {mode: median seconds per
+    gradient step}, "grad_diff": largest relative parameter-gradient difference, pareprop
+    against reprop}."""
+    from revjax.train import cross_entropy_loss
+
+    with jax.default_device(device or jax_gpus()[0]):
+        model = revjax.models.build(GPU_MODEL, rngs=nnx.Rngs(SEED), img_size=GPU_IMG)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        kx, ky = jax.random.split(jax.random.key(SEED))
+        x = jax.random.normal(kx, (GPU_BATCH, GPU_IMG, GPU_IMG, 3))
+        y = jax.random.randint(ky, (GPU_BATCH,), 0, model.config.num_classes)
+
+        def loss(params, rest, x, y, mode):
+            return cross_entropy_loss(nnx.merge(graphdef, params, rest)(x, mode=mode), y)
+
+        fn = jax.jit(jax.grad(loss), static_argnums=4)
+        step = {m: fn.lower(params, rest, x, y, m).compile() for m in GPU_MODES}
+        grads = {m: step[m](params, rest, x, y) for m in GPU_MODES}
+        diff = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(
+            jax.tree.leaves(grads["pareprop"]), jax.tree.leaves(grads["reprop"])))
+        del grads
+        seconds = _timing()({m: (lambda c=c: jax.block_until_ready(c(params, rest, x, y)))
+                             for m, c in step.items()})
+    return {"seconds": seconds, "grad_diff": diff}
+
+
+def torch_gpu_speed(device: str = "cuda") -> dict:
+    """revtorch on ``device``: the same as ``jax_gpu_speed``."""
+    torch.manual_seed(SEED)
+    model = revtorch.models.build(GPU_MODEL, img_size=GPU_IMG).to(device)
+    x = torch.randn(GPU_BATCH, 3, GPU_IMG, GPU_IMG, device=device)
+    y = torch.randint(0, model.config.num_classes, (GPU_BATCH,), device=device)
+
+    def step(mode):
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x, mode=mode), y).backward()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+
+    grads = {}
+    for m in GPU_MODES:
+        step(m)
+        grads[m] = {k: p.grad.clone() for k, p in model.named_parameters()}
+    diff = max(((grads["pareprop"][k] - g).abs().max() / g.abs().max()).item()
+               for k, g in grads["reprop"].items())
+    del grads
+    seconds = _timing()({m: (lambda m=m: step(m)) for m in GPU_MODES})
+    return {"seconds": seconds, "grad_diff": diff}
