@@ -149,3 +149,20 @@ class PatchEmbed(nnx.Module):
             raise TypeError(f"expected floating-point images, got {x.dtype}")
         x = self.proj(x)
         return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def branch_dropout(x: jax.Array, drop_rate: float, drop_path_rate, key: jax.Array | None,
+                   which: int) -> jax.Array:
+    """Dropout then drop-path on a branch output, as ``AttentionHalf``/``MlpHalf`` do, but
+    with the drop-path rate given per call: a float, an array (a per-layer input of a stack,
+    e.g. Swin's linearly increasing stochastic depth, traced inside the scan) or None (no
+    drop-path). Identity without a key; ``which`` tells F (0) from G (1)."""
+    if key is None:
+        return x
+    k_drop, k_path = jax.random.split(jax.random.fold_in(key, which))
+    x = dropout(x, drop_rate, k_drop)
+    if drop_path_rate is None:
+        return x
+    keep_prob = 1.0 - jnp.asarray(drop_path_rate, jnp.float32)
+    keep = jax.random.bernoulli(k_path, keep_prob, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / keep_prob.astype(x.dtype), 0).astype(x.dtype)

@@ -190,3 +190,13 @@ class PatchEmbed(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.proj.weight.dtype)
         return self.proj(x).flatten(2).transpose(1, 2)
+
+
+def branch_dropout(x: Tensor, drop_rate: float, drop_path_rate, key, which: int) -> Tensor:
+    """Dropout then drop-path on a branch output, as ``AttentionHalf``/``MlpHalf`` do, but
+    with the drop-path rate given per call: a float, a 0-d tensor (a per-layer input of a
+    stack, e.g. Swin's linearly increasing stochastic depth; keep it on the CPU, reading it
+    is then free) or None (no drop-path). Identity without a key; ``which`` tells F (0) from
+    G (1)."""
+    rate = 0.0 if drop_path_rate is None else float(drop_path_rate)
+    return _regularise(x, drop_rate, rate, key, which)

@@ -41,6 +41,7 @@ def build(name: str, *, mode: str | None = None, **overrides) -> nn.Module:
 
 
 from . import vit  # noqa: E402,F401  (registers the ViT family)
+from . import swin  # noqa: E402,F401  (registers the Swin family)
 from . import roberta  # noqa: E402,F401  (registers the RoBERTa family)
 
 __all__ = ["build", "names", "register"]
