@@ -18,8 +18,11 @@ from common import table  # noqa: E402
 import revjax  # noqa: E402
 
 # Published counts (millions) of the standard models, with their class token where they
-# have one: DeiT-Ti/S (Touvron et al., 2021), ViT-B/L/H (Dosovitskiy et al., 2021).
-PUBLISHED = {"vit-ti": 5.7, "vit-s": 22.1, "vit-b": 86.6, "vit-l": 304.3, "vit-h": 632.0}
+# have one: DeiT-Ti/S (Touvron et al., 2021), ViT-B/L/H (Dosovitskiy et al., 2021),
+PUBLISHED = {"vit-ti": 5.7, "vit-s": 22.1, "vit-b": 86.6, "vit-l": 304.3, "vit-h": 632.0,
+             # Swin-T/S/B/L, 1000 classes (Liu et al., 2021); RoBERTa (Liu et al., 2019)
+             "swin-t": 28.3, "swin-s": 49.6, "swin-b": 87.8, "swin-l": 197.0,
+             "roberta-base": 125.0, "roberta-large": 355.0}
 
 
 def count(name: str) -> int:
