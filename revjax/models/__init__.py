@@ -19,6 +19,24 @@ def register(name: str, builder: Callable[..., nnx.Module]) -> None:
     _REGISTRY[name] = builder
 
 
+def register_family(family: str, config_cls, model_cls, variants: dict) -> None:
+    """Register ``rev-<family>-<variant>`` and ``<family>-<variant>`` for each row of
+    ``variants``: the variant's config with overrides applied, built as ``model_cls``."""
+    from .config import with_overrides
+
+    def builder(name: str, reversible: bool, row: dict):
+        def build(*, rngs: nnx.Rngs, mode: str | None = None, **overrides):
+            config = with_overrides(config_cls(name=name, reversible=reversible, **row),
+                                    overrides)
+            return model_cls(config, rngs=rngs, mode=mode)
+
+        return build
+
+    for variant, row in variants.items():
+        register(f"rev-{family}-{variant}", builder(f"rev-{family}-{variant}", True, row))
+        register(f"{family}-{variant}", builder(f"{family}-{variant}", False, row))
+
+
 def names() -> list[str]:
     """All registered model names, sorted."""
     return sorted(_REGISTRY)
@@ -42,4 +60,4 @@ from . import vit  # noqa: E402,F401  (registers the ViT family)
 from . import roberta  # noqa: E402,F401  (registers the RoBERTa family)
 from . import swin  # noqa: E402,F401  (registers the Swin family)
 
-__all__ = ["build", "names", "register"]
+__all__ = ["build", "names", "register", "register_family"]

@@ -26,8 +26,8 @@ from flax import nnx
 
 from .. import layers
 from ..stack import ResidualStack, RevStack
-from . import register
-from .config import resolve_mode, with_overrides
+from . import register_family
+from .config import resolve_mode
 
 # RoBERTa's padding_idx for positions: padding sits at row 1, real tokens at rows 2.. (the
 # layout of the released checkpoints, whose pad token id is 1 as well). Fixed, so that the
@@ -156,15 +156,4 @@ class Roberta(nnx.Module):
         return self.head(self.features(ids, mask, mode=mode, rngs=rngs), self.tok_embed)
 
 
-def _builder(name: str, reversible: bool, row: dict):
-    def build(*, rngs: nnx.Rngs, mode: str | None = None, **overrides) -> Roberta:
-        config = with_overrides(RobertaConfig(name=name, reversible=reversible, **row),
-                                overrides)
-        return Roberta(config, rngs=rngs, mode=mode)
-
-    return build
-
-
-for _variant, _row in VARIANTS.items():
-    register(f"rev-roberta-{_variant}", _builder(f"rev-roberta-{_variant}", True, _row))
-    register(f"roberta-{_variant}", _builder(f"roberta-{_variant}", False, _row))
+register_family("roberta", RobertaConfig, Roberta, VARIANTS)

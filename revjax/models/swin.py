@@ -40,8 +40,8 @@ from flax import nnx
 
 from .. import layers
 from ..stages import Stage, check_fusion, concat, start
-from . import register
-from .config import resolve_mode, with_overrides
+from . import register_family
+from .config import resolve_mode
 
 MASK_VALUE = -1e9  # additive bias between tokens that must not attend (exp underflows to 0)
 
@@ -359,14 +359,4 @@ def _merging(width: int, rngs: nnx.Rngs, *, out_dim: int, **kw) -> PatchMerging:
     return PatchMerging(width, out_dim, rngs=rngs, **kw)
 
 
-def _builder(name: str, reversible: bool, row: dict):
-    def build(*, rngs: nnx.Rngs, mode: str | None = None, **overrides) -> SwinTransformer:
-        config = with_overrides(SwinConfig(name=name, reversible=reversible, **row), overrides)
-        return SwinTransformer(config, rngs=rngs, mode=mode)
-
-    return build
-
-
-for _variant, _row in VARIANTS.items():
-    register(f"rev-swin-{_variant}", _builder(f"rev-swin-{_variant}", True, _row))
-    register(f"swin-{_variant}", _builder(f"swin-{_variant}", False, _row))
+register_family("swin", SwinConfig, SwinTransformer, VARIANTS)

@@ -17,8 +17,8 @@ from flax import nnx
 
 from .. import layers
 from ..stack import ResidualStack, RevStack
-from . import register
-from .config import resolve_mode, with_overrides
+from . import register_family
+from .config import resolve_mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,14 +98,4 @@ class VisionTransformer(nnx.Module):
         return self.head(self.features(x, mode=mode, rngs=rngs))
 
 
-def _builder(name: str, reversible: bool, row: dict):
-    def build(*, rngs: nnx.Rngs, mode: str | None = None, **overrides) -> VisionTransformer:
-        config = with_overrides(ViTConfig(name=name, reversible=reversible, **row), overrides)
-        return VisionTransformer(config, rngs=rngs, mode=mode)
-
-    return build
-
-
-for _variant, _row in VARIANTS.items():
-    register(f"rev-vit-{_variant}", _builder(f"rev-vit-{_variant}", True, _row))
-    register(f"vit-{_variant}", _builder(f"vit-{_variant}", False, _row))
+register_family("vit", ViTConfig, VisionTransformer, VARIANTS)

@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from .. import layers
 from ..stack import ResidualStack, RevStack
-from . import register
-from .config import resolve_mode, with_overrides
+from . import register_family
+from .config import resolve_mode
 
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -203,14 +203,4 @@ class Roberta(nn.Module):
             return self.head(h, self.tok_embed)
 
 
-def _builder(name: str, reversible: bool, row: dict):
-    def build(*, mode: str | None = None, **overrides) -> Roberta:
-        config = with_overrides(RobertaConfig(name=name, reversible=reversible, **row), overrides)
-        return Roberta(config, mode=mode)
-
-    return build
-
-
-for _variant, _row in VARIANTS.items():
-    register(f"rev-roberta-{_variant}", _builder(f"rev-roberta-{_variant}", True, _row))
-    register(f"roberta-{_variant}", _builder(f"roberta-{_variant}", False, _row))
+register_family("roberta", RobertaConfig, Roberta, VARIANTS)

@@ -45,8 +45,8 @@ from torch import Tensor, nn
 
 from .. import layers
 from ..stages import Stage, check_fusion, concat, start
-from . import register
-from .config import resolve_mode, with_overrides
+from . import register_family
+from .config import resolve_mode
 
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 MASK_VALUE = -1e9  # additive bias between tokens that must not attend (exp underflows to 0)
@@ -393,14 +393,4 @@ class SwinTransformer(nn.Module):
             return self.head(self.features(x, mode=mode))
 
 
-def _builder(name: str, reversible: bool, row: dict):
-    def build(*, mode: str | None = None, **overrides) -> SwinTransformer:
-        config = with_overrides(SwinConfig(name=name, reversible=reversible, **row), overrides)
-        return SwinTransformer(config, mode=mode)
-
-    return build
-
-
-for _variant, _row in VARIANTS.items():
-    register(f"rev-swin-{_variant}", _builder(f"rev-swin-{_variant}", True, _row))
-    register(f"swin-{_variant}", _builder(f"swin-{_variant}", False, _row))
+register_family("swin", SwinConfig, SwinTransformer, VARIANTS)

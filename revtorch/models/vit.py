@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from .. import layers
 from ..stack import ResidualStack, RevStack
-from . import register
-from .config import resolve_mode, with_overrides
+from . import register_family
+from .config import resolve_mode
 
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -129,14 +129,4 @@ class VisionTransformer(nn.Module):
             return self.head(self.features(x, mode=mode))
 
 
-def _builder(name: str, reversible: bool, row: dict):
-    def build(*, mode: str | None = None, **overrides) -> VisionTransformer:
-        config = with_overrides(ViTConfig(name=name, reversible=reversible, **row), overrides)
-        return VisionTransformer(config, mode=mode)
-
-    return build
-
-
-for _variant, _row in VARIANTS.items():
-    register(f"rev-vit-{_variant}", _builder(f"rev-vit-{_variant}", True, _row))
-    register(f"vit-{_variant}", _builder(f"vit-{_variant}", False, _row))
+register_family("vit", ViTConfig, VisionTransformer, VARIANTS)
