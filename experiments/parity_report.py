@@ -1,12 +1,13 @@
 """Cross-framework parity: the largest relative differences between revjax and revtorch.
 
-For each model, dtype, depth and (jax mode, torch mode) pair, on the same weights and images:
-the forward outputs (the plain forward and the differentiated one) and the gradients (every
-parameter leaf and the images), as ``max|jax - torch| / max|torch|``. The computation is the
-parity suite's (``parity_tests/common.py``); this prints it as a markdown table and writes
-``results/parity.json``.
+For each model, dtype, depth and (jax mode, torch mode) pair, on the same weights and inputs
+(images for ViT; token ids with a padding mask for RoBERTa, at depth 2 only): the forward
+outputs (the plain forward and the differentiated one) and the gradients (every parameter
+leaf, and the images: token ids are not differentiated), as ``max|jax - torch| / max|torch|``.
+The computation is the parity suite's (``parity_tests/common.py``); this prints it as a
+markdown table and writes ``results/parity.json``.
 
-    python experiments/parity_report.py                 # all cases, ~2 min on 2 CPU cores
+    python experiments/parity_report.py                 # all cases, ~3 min on 2 CPU cores
     python experiments/parity_report.py --gpu           # also PaReprop vs Reprop speed on GPU
 """
 
@@ -29,13 +30,17 @@ COLUMNS = ("model", "dtype", "depth", "jax mode", "torch mode", "forward", "grad
 
 def rows(models, dtypes, depths) -> list[dict]:
     out = []
-    for name, dtype, depth, jax_mode, torch_mode in parity.mode_cases():
+    every = (parity.mode_cases()
+             + parity.mode_cases(parity.ROBERTA_MODELS, parity.ROBERTA_DEPTHS))
+    for name, dtype, depth, jax_mode, torch_mode in every:
         if name not in models or dtype not in dtypes or depth not in depths:
             continue
         d = parity.grad_diffs(name, dtype, depth, jax_mode, torch_mode)
         forward = max(parity.forward_diff(name, dtype, depth), d["logits"])
-        grads = max(d["params"], d["input"])
-        worst = d["worst"] if d["params"] >= d["input"] else "input"
+        if d["input"] is None or d["params"] >= d["input"]:  # None: token ids
+            grads, worst = d["params"], d["worst"]
+        else:
+            grads, worst = d["input"], "input"
         tol = parity.TOL[dtype]
         out.append({
             "model": name, "dtype": dtype, "depth": depth, "jax mode": jax_mode,
@@ -67,7 +72,8 @@ def gpu_rows() -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(parity.MODELS))
+    ap.add_argument("--models", nargs="+",
+                    default=[*parity.MODELS, *parity.ROBERTA_MODELS])
     ap.add_argument("--dtypes", nargs="+", default=list(parity.DTYPES))
     ap.add_argument("--depths", nargs="+", type=int, default=list(parity.DEPTHS))
     ap.add_argument("--gpu", action="store_true", help="also time PaReprop vs Reprop on GPU")

@@ -3,8 +3,11 @@
 
 A case is (model, dtype, depth). Its two models hold the same weights: the revtorch model is
 built from torch's seed and loaded into the revjax model with ``revjax.interop.torch``. Both
-see the same images (NHWC for jax, NCHW for torch) and the same loss ``sum(logits * w)``
-with a fixed random ``w``, so the gradients are one vector-Jacobian product. Results are
+see the same inputs, made by the model's family (``FAMILIES``): images for ViT (NHWC for
+jax, NCHW for torch, and their gradient compared too), token ids with a padding mask for
+RoBERTa (some positions padded; ids are not differentiable). Both take the same loss
+``sum(logits * w)`` with a fixed random ``w``, so the gradients are one vector-Jacobian
+product. Results are
 cached per case and framework: a 3 x 3 table of mode pairs costs 3 + 3 gradient runs, and
 jax compiles one program per graphdef (forward and every mode's gradients; modes static).
 
@@ -15,7 +18,9 @@ parameter leaf (in the revjax layout), the largest reported.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +36,10 @@ from tests.helpers import rel_err
 MODELS = ("rev-vit-test", "vit-test")
 DTYPES = ("float32", "float64")
 DEPTHS = (1, 2, 3)
+# RoBERTa: depth 2 only (its own test file, and report rows).
+ROBERTA_MODELS = ("rev-roberta-test", "roberta-test")
+ROBERTA_DEPTHS = (2,)
+SEQ_LEN = 8
 BATCH = 2
 SEED = 0
 # CONVENTIONS: float64 <= 1e-9 for outputs and gradients; float32 <= 1e-5 outputs, 1e-4 grads.
@@ -47,14 +56,15 @@ def modes(name: str) -> tuple[str, ...]:
     return revjax.MODES if name.startswith("rev-") else ("backprop",)
 
 
-def cases() -> list[tuple[str, str, int]]:
-    """Every (model, dtype, depth)."""
-    return [(n, d, k) for n in MODELS for d in DTYPES for k in DEPTHS]
+def cases(models=MODELS, depths=DEPTHS) -> list[tuple[str, str, int]]:
+    """Every (model, dtype, depth) (by default the ViT cases)."""
+    return [(n, d, k) for n in models for d in DTYPES for k in depths]
 
 
-def mode_cases() -> list[tuple[str, str, int, str, str]]:
+def mode_cases(models=MODELS, depths=DEPTHS) -> list[tuple[str, str, int, str, str]]:
     """Every (model, dtype, depth, jax mode, torch mode)."""
-    return [(n, d, k, jm, tm) for n, d, k in cases() for jm in modes(n) for tm in modes(n)]
+    return [(n, d, k, jm, tm) for n, d, k in cases(models, depths)
+            for jm in modes(n) for tm in modes(n)]
 
 
 @contextlib.contextmanager
@@ -85,18 +95,65 @@ def models(name: str, dtype: str, depth: int):
     return jmodel, tmodel
 
 
-@functools.cache
-def inputs(name: str, dtype: str, depth: int) -> tuple[np.ndarray, np.ndarray]:
-    """(NHWC images, loss weights w of the logits' shape) as numpy arrays in ``dtype``."""
-    config = models(name, dtype, depth)[0].config
-    rng = np.random.default_rng(SEED)
-    x = rng.standard_normal((BATCH, config.img_size, config.img_size, config.in_chans))
-    w = rng.standard_normal((BATCH, config.num_classes))
-    return x.astype(dtype), w.astype(dtype)
-
-
 def to_nchw(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How a model family is fed. ``make(config, rng, dtype)`` gives the model's positional
+    inputs (numpy, jax layout) and the loss weights ``w`` (the logits' shape); ``to_torch``
+    turns those inputs into revtorch's; ``grad_input`` is set when the first input is
+    differentiated, and maps its torch gradient back to the jax layout."""
+
+    make: Callable
+    to_torch: Callable
+    grad_input: Callable | None
+
+
+def _vit_inputs(config, rng, dtype):
+    x = rng.standard_normal((BATCH, config.img_size, config.img_size, config.in_chans))
+    w = rng.standard_normal((BATCH, config.num_classes))
+    return (x.astype(dtype),), w.astype(dtype)
+
+
+def _roberta_inputs(config, rng, dtype):
+    """Token ids (no pad id among the real ones) and a padding mask: row 0 full, row 1 with
+    its last 3 positions padded (ids = pad_id there); ``w`` covers every position."""
+    ids = rng.integers(0, config.vocab_size - 1, (BATCH, SEQ_LEN))
+    ids = np.where(ids >= config.pad_id, ids + 1, ids)  # skip pad_id
+    mask = np.ones((BATCH, SEQ_LEN), bool)
+    mask[1, -3:] = False
+    ids = np.where(mask, ids, config.pad_id).astype(np.int32)
+    w = rng.standard_normal((BATCH, SEQ_LEN, config.vocab_size))
+    return (ids, mask), w.astype(dtype)
+
+
+FAMILIES = {
+    "vit": Family(_vit_inputs, lambda args: (to_nchw(args[0]),),
+                  lambda g: g.numpy().transpose(0, 2, 3, 1)),
+    "roberta": Family(_roberta_inputs, lambda args: (torch.from_numpy(args[0]).long(),
+                                                     torch.from_numpy(args[1])), None),
+}
+
+
+def family(name: str) -> Family:
+    """The family of a model name: ``rev-roberta-test`` -> RoBERTa's."""
+    return FAMILIES[name.removeprefix("rev-").split("-")[0]]
+
+
+@functools.cache
+def model_inputs(name: str, dtype: str, depth: int) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """(the model's positional inputs, loss weights w of the logits' shape) as numpy arrays,
+    floating ones in ``dtype``."""
+    config = models(name, dtype, depth)[0].config
+    return family(name).make(config, np.random.default_rng(SEED), dtype)
+
+
+def inputs(name: str, dtype: str, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the first model input (NHWC images for ViT), loss weights w)."""
+    args, w = model_inputs(name, dtype, depth)
+    return args[0], w
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,21 +161,26 @@ def to_nchw(x: np.ndarray) -> torch.Tensor:
 
 
 @functools.cache
-def _jax_program(graphdef, modes: tuple[str, ...]):
+def _jax_program(graphdef, modes: tuple[str, ...], grad_input: bool):
     """One jitted program per graphdef: the plain forward (no differentiation) and, for each
     of ``modes`` (static), ``value_and_grad`` of the loss with respect to the parameters and
-    the images. One program instead of one per mode: XLA:CPU compiles it in about 2/3 of
-    the time."""
+    (``grad_input``) the first input. One program instead of one per mode: XLA:CPU compiles
+    it in about 2/3 of the time."""
 
-    def run(params, rest, x, w):
+    def run(params, rest, args, w):
         def loss(params, x, mode):
-            logits = nnx.merge(graphdef, params, rest)(x, mode=mode)
+            logits = nnx.merge(graphdef, params, rest)(x, *args[1:], mode=mode)
             return jnp.sum(logits * w), logits
 
-        out = {"forward": nnx.merge(graphdef, params, rest)(x)}
+        out = {"forward": nnx.merge(graphdef, params, rest)(*args)}
         for mode in modes:
-            (_, logits), (g_params, g_x) = jax.value_and_grad(
-                loss, argnums=(0, 1), has_aux=True)(params, x, mode)
+            if grad_input:
+                (_, logits), (g_params, g_x) = jax.value_and_grad(
+                    loss, argnums=(0, 1), has_aux=True)(params, args[0], mode)
+            else:
+                (_, logits), g_params = jax.value_and_grad(loss, has_aux=True)(
+                    params, args[0], mode)
+                g_x = None
             out[mode] = {"logits": logits, "params": g_params, "input": g_x}
         return out
 
@@ -133,15 +195,19 @@ def _flat(state: nnx.State) -> dict[str, np.ndarray]:
 @functools.cache
 def jax_results(name: str, dtype: str, depth: int) -> dict:
     """revjax: {"forward": logits of the plain forward, mode: {"logits", "params" (flat
-    dict, revjax layout), "input" (NHWC)} for each of ``modes(name)``}, as numpy."""
+    dict, revjax layout), "input" (the first input's gradient, NHWC for images; None when
+    it is not differentiated)} for each of ``modes(name)``}, as numpy."""
     jmodel, _ = models(name, dtype, depth)
-    x, w = inputs(name, dtype, depth)
+    args, w = model_inputs(name, dtype, depth)
+    grad_input = family(name).grad_input is not None
     with precision(dtype):
         graphdef, params, rest = nnx.split(jmodel, nnx.Param, ...)
-        out = _jax_program(graphdef, modes(name))(params, rest, jnp.asarray(x), jnp.asarray(w))
+        out = _jax_program(graphdef, modes(name), grad_input)(
+            params, rest, tuple(jnp.asarray(a) for a in args), jnp.asarray(w))
         return {k: np.asarray(v) if k == "forward" else
                 {"logits": np.asarray(v["logits"]), "params": _flat(v["params"]),
-                 "input": np.asarray(v["input"])} for k, v in out.items()}
+                 "input": None if v["input"] is None else np.asarray(v["input"])}
+                for k, v in out.items()}
 
 
 def jax_forward(name: str, dtype: str, depth: int) -> np.ndarray:
@@ -158,26 +224,29 @@ def jax_grads(name: str, dtype: str, depth: int, mode: str) -> dict:
 def torch_forward(name: str, dtype: str, depth: int) -> np.ndarray:
     """Logits of the revtorch model (no autograd)."""
     _, tmodel = models(name, dtype, depth)
-    x, _ = inputs(name, dtype, depth)
+    args, _ = model_inputs(name, dtype, depth)
     with torch.no_grad():
-        return tmodel(to_nchw(x)).numpy()
+        return tmodel(*family(name).to_torch(args)).numpy()
 
 
 @functools.cache
 def torch_grads(name: str, dtype: str, depth: int, mode: str) -> dict:
     """The same from revtorch after ``loss.backward()``; parameter gradients converted to the
-    revjax layout by the weight converter, the input gradient to NHWC."""
+    revjax layout by the weight converter, the input gradient to jax's layout."""
     jmodel, tmodel = models(name, dtype, depth)
-    x, w = inputs(name, dtype, depth)
+    args, w = model_inputs(name, dtype, depth)
+    fam = family(name)
     tmodel.zero_grad(set_to_none=True)
-    xt = to_nchw(x).requires_grad_()
-    logits = tmodel(xt, mode=mode)
+    targs = fam.to_torch(args)
+    if fam.grad_input is not None:
+        targs[0].requires_grad_()
+    logits = tmodel(*targs, mode=mode)
     (logits * torch.from_numpy(w)).sum().backward()
     grads = {k: p.grad for k, p in tmodel.named_parameters()}
     with precision(dtype):
         g_params = _flat(state_from_torch(jmodel, grads))
     return {"logits": logits.detach().numpy(), "params": g_params,
-            "input": xt.grad.numpy().transpose(0, 2, 3, 1)}
+            "input": None if fam.grad_input is None else fam.grad_input(targs[0].grad)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,14 +260,16 @@ def forward_diff(name: str, dtype: str, depth: int) -> float:
 
 def grad_diffs(name: str, dtype: str, depth: int, jax_mode: str, torch_mode: str) -> dict:
     """Relative differences between revjax in ``jax_mode`` and revtorch in ``torch_mode``:
-    ``logits`` (the differentiated forward), ``input`` (image gradient), ``params`` (the
-    largest over parameter leaves) and ``worst`` (that leaf's path)."""
+    ``logits`` (the differentiated forward), ``input`` (the first input's gradient; None
+    when it is not differentiated, as token ids), ``params`` (the largest over parameter
+    leaves) and ``worst`` (that leaf's path)."""
     a = jax_grads(name, dtype, depth, jax_mode)
     b = torch_grads(name, dtype, depth, torch_mode)
     assert a["params"].keys() == b["params"].keys()
     per_leaf = {k: rel_err(a["params"][k], b["params"][k]) for k in a["params"]}
     worst = max(per_leaf, key=per_leaf.get)
-    return {"logits": rel_err(a["logits"], b["logits"]), "input": rel_err(a["input"], b["input"]),
+    g_input = None if b["input"] is None else rel_err(a["input"], b["input"])
+    return {"logits": rel_err(a["logits"], b["logits"]), "input": g_input,
             "params": per_leaf[worst], "worst": worst}
 
 

@@ -16,6 +16,15 @@ NNX model to its torch ``state_dict`` prefix (or key):
   torch pattern: ``Row("stages.{s}.blocks.f.norm", "stages.{s}.blocks.f.{i}.norm", "norm")``
   covers every stage; transition blocks between stages are plain (unstacked) rows.
 
+Tied weights: a parameter used twice (RoBERTa's MLM decoder reuses the token embedding) is
+one ``nnx.Param`` in NNX and one ``nn.Parameter`` in torch, so it has one row and one key.
+A torch model that also registers the tied tensor under a second name (a decoder module
+holding the embedding's weight: ``state_dict`` then lists both keys, ``named_parameters``
+only the first) declares the alias: ``register_table(cls, rows, tied={alias: source})``.
+``to_torch`` then writes the alias as the very tensor of its source (shared, as torch's
+``state_dict`` does); ``from_torch`` accepts a state_dict with or without the alias (a
+gradient dict from ``named_parameters`` lacks it) and refuses one whose alias differs.
+
 Only ``nnx.Param`` leaves are converted. ``from_torch`` casts to the NNX parameters' dtypes
 (as ``load_state_dict`` casts to the torch parameters'), so a round trip between models of
 the same dtype is exact, float64 included (build the NNX model under ``jax.enable_x64``).
@@ -35,9 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..models.roberta import RobertaConfig
 from ..models.vit import ViTConfig
 
-__all__ = ["KINDS", "Row", "TABLES", "WeightMismatchError", "from_torch", "register_table",
+__all__ = ["KINDS", "Row", "TABLES", "TIED", "WeightMismatchError", "from_torch", "register_table",
            "state_from_torch", "to_torch"]
 
 
@@ -108,13 +118,19 @@ class Row:
 
 
 TABLES: dict[type, tuple[Row, ...]] = {}
+# config class -> {torch alias key: torch source key} (tied weights registered twice in torch).
+TIED: dict[type, dict[str, str]] = {}
 
 
-def register_table(config_cls: type, rows) -> None:
-    """Register the mapping table of the family whose models carry ``config_cls`` configs."""
+def register_table(config_cls: type, rows, *, tied: Mapping[str, str] | None = None) -> None:
+    """Register the mapping table of the family whose models carry ``config_cls`` configs;
+    ``tied`` maps torch keys that alias another key's tensor to that key (see above)."""
     if config_cls in TABLES:
         raise ValueError(f"a table for {config_cls.__name__} is already registered")
     TABLES[config_cls] = tuple(rows)
+    TIED.pop(config_cls, None)
+    if tied:
+        TIED[config_cls] = dict(tied)
 
 
 # Rev-ViT and ViT: the reversible and the residual encoder both keep F and G in ``blocks.f``
@@ -130,6 +146,26 @@ register_table(ViTConfig, (
     Row("blocks.g.mlp.fc2", "blocks.g.{i}.mlp.fc2", "linear"),
     Row("norm", "norm", "norm"),
     Row("head", "head", "linear"),
+))
+
+
+# Rev-RoBERTa and RoBERTa: the same layout as ViT for the encoder; the MLM decoder is the
+# token embedding itself (``embed.attend`` in revjax, ``F.linear(h, tok_embed.weight)`` in
+# revtorch), so it has no key of its own, only ``head.bias``.
+register_table(RobertaConfig, (
+    Row("tok_embed", "tok_embed", "embed"),
+    Row("pos_embed", "pos_embed", "embed"),
+    Row("embed_norm", "embed_norm", "norm"),
+    Row("blocks.f.norm", "blocks.f.{i}.norm", "norm"),
+    Row("blocks.f.attn.qkv", "blocks.f.{i}.attn.qkv", "linear"),
+    Row("blocks.f.attn.proj", "blocks.f.{i}.attn.proj", "linear"),
+    Row("blocks.g.norm", "blocks.g.{i}.norm", "norm"),
+    Row("blocks.g.mlp.fc1", "blocks.g.{i}.mlp.fc1", "linear"),
+    Row("blocks.g.mlp.fc2", "blocks.g.{i}.mlp.fc2", "linear"),
+    Row("norm", "norm", "norm"),
+    Row("head.bias", "head.bias", "param"),
+    Row("head.dense", "head.dense", "linear"),
+    Row("head.norm", "head.norm", "norm"),
 ))
 
 
@@ -226,7 +262,16 @@ def _plan(model: nnx.Module) -> tuple[list[_Entry], nnx.FlatState]:
     twice = sorted(k for k, n in counts.items() if n > 1)
     if twice:
         raise ValueError(f"the {config_cls.__name__} table maps several parameters to {twice}")
+    tied = TIED.get(config_cls, {})
+    bad = sorted(a for a, src in tied.items() if a in counts or src not in counts)
+    if bad:
+        raise ValueError(f"the {config_cls.__name__} tied aliases {bad} must name keys the "
+                         f"table does not map, aliasing keys it does")
     return entries, flat
+
+
+def _tied(model) -> dict[str, str]:
+    return TIED.get(type(getattr(model, "config", None)), {})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +317,8 @@ def to_torch(jax_model: nnx.Module) -> dict:
             for e, a in group:
                 layer = a[i] if e.stacked else a
                 out[e.keys()[i]] = _tensor(LAYOUTS[e.layout][0](layer))
+    for alias, source in _tied(jax_model).items():
+        out[alias] = out[source]  # the same tensor, as torch's state_dict holds it
     return out
 
 
@@ -283,16 +330,28 @@ def state_from_torch(jax_model: nnx.Module, state_dict: Mapping[str, Any]) -> nn
     Raises ``WeightMismatchError`` listing every missing, unexpected and mis-shaped key.
     """
     entries, flat = _plan(jax_model)
+    tied = _tied(jax_model)
     expected = {k for e in entries for k in e.keys()}
     missing = [k for e in entries for k in e.keys() if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
+    unexpected = [k for k in state_dict if k not in expected and k not in tied]
     mis_shaped = []
+    shapes = {}
     for e in entries:
         want = e.torch_shape()
+        shapes.update(dict.fromkeys(e.keys(), want))
         mis_shaped += [(k, want, tuple(state_dict[k].shape)) for k in e.keys()
                        if k in state_dict and tuple(state_dict[k].shape) != want]
+    mis_shaped += [(a, shapes[src], tuple(state_dict[a].shape)) for a, src in tied.items()
+                   if a in state_dict and tuple(state_dict[a].shape) != shapes[src]]
     if missing or unexpected or mis_shaped:
         raise WeightMismatchError(_name(jax_model), missing, unexpected, mis_shaped)
+    import torch
+
+    untied = [a for a, src in tied.items() if a in state_dict and not torch.equal(
+        torch.as_tensor(state_dict[a]), torch.as_tensor(state_dict[src]))]
+    if untied:
+        raise ValueError(f"the state_dict does not fit {_name(jax_model)}: the tied keys "
+                         f"{untied} differ from {[tied[a] for a in untied]}")
     new = {}
     for e in entries:
         layers = [LAYOUTS[e.layout][1](_array(state_dict[k])) for k in e.keys()]

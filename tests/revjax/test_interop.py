@@ -213,3 +213,63 @@ def test_a_hierarchical_model_needs_only_a_table(hier_table):
     sd.pop("stages.1.g.2.norm.bias")
     with pytest.raises(WeightMismatchError, match=r"stages\.1\.g\.2\.norm\.bias"):
         from_torch(b, sd)
+
+
+# RoBERTa: the MLM decoder is tied to the token embedding, one parameter on each side, so
+# one key (torch's state_dict has no decoder entry either).
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"], ids=str)
+@pytest.mark.parametrize("name", ["rev-roberta-test", "roberta-test"])
+def test_roberta_round_trips_exactly(name, dtype):
+    jdtype, tdtype = DTYPES[dtype]
+    torch.manual_seed(0)
+    tmodel = revtorch.models.build(name, param_dtype=tdtype)
+    with jax.enable_x64(dtype == "f64"):
+        jmodel = revjax.models.build(name, rngs=nnx.Rngs(0), param_dtype=jdtype)
+        sd = to_torch(from_torch(jmodel, tmodel.state_dict()))
+        other = revjax.models.build(name, rngs=nnx.Rngs(1), param_dtype=jdtype)
+        assert_same_params(from_torch(other, sd), jmodel)
+    assert_same_tensors(sd, tmodel.state_dict())
+    assert list(sd) == list(tmodel.state_dict())
+    assert not any("decoder" in k for k in sd)
+    tmodel.load_state_dict(sd, strict=True)
+    np.testing.assert_array_equal(np.asarray(jmodel.tok_embed.embedding.get_value()),
+                                  tmodel.tok_embed.weight.detach().numpy())
+
+
+# A torch model that registers a tied tensor under two names (state_dict lists both,
+# named_parameters one): the alias is declared, written as the same tensor, optional on load.
+
+
+@dataclasses.dataclass(frozen=True)
+class TiedConfig:
+    name: str = "toy-tied"
+
+
+class Tied(nnx.Module):
+    def __init__(self, rngs):
+        self.config = TiedConfig()
+        self.embed = nnx.Embed(5, 3, rngs=rngs)
+
+
+@pytest.fixture
+def tied_table():
+    interop.register_table(TiedConfig, [Row("embed", "embed", "embed")],
+                           tied={"decoder.weight": "embed.weight"})
+    yield
+    del interop.TABLES[TiedConfig], interop.TIED[TiedConfig]
+
+
+def test_a_tied_alias_is_written_shared_and_optional_on_load(tied_table):
+    a, b = Tied(nnx.Rngs(0)), Tied(nnx.Rngs(1))
+    sd = to_torch(a)
+    assert list(sd) == ["embed.weight", "decoder.weight"]
+    assert sd["decoder.weight"] is sd["embed.weight"]
+    assert_same_params(from_torch(b, sd), a)
+    c = Tied(nnx.Rngs(2))
+    assert_same_params(from_torch(c, {"embed.weight": sd["embed.weight"]}), a)  # as a grad dict
+    with pytest.raises(ValueError, match="tied keys"):
+        from_torch(c, {"embed.weight": sd["embed.weight"], "decoder.weight": torch.zeros(5, 3)})
+    with pytest.raises(WeightMismatchError, match="decoder.weight"):
+        from_torch(c, {"embed.weight": sd["embed.weight"], "decoder.weight": torch.zeros(5, 2)})
