@@ -4,6 +4,7 @@ function; torch: bytes of tensors autograd saves for backward, via saved_tensors
 
     python experiments/compare_frameworks.py                         # rev-vit-s, 64 px, batch 4
     python experiments/compare_frameworks.py --model rev-vit-test --img 32 --batch 8
+    python experiments/compare_frameworks.py --model rev-roberta-base --img 32 --batch 2
 """
 
 from __future__ import annotations
@@ -21,18 +22,34 @@ from common import atomic_write_json, environment, interleaved_medians, table  #
 
 import revjax  # noqa: E402
 import revtorch  # noqa: E402
+from revjax.mlm import mlm_loss as jax_mlm_loss  # noqa: E402
 from revjax.train import cross_entropy_loss  # noqa: E402
+from revtorch.mlm import mlm_loss as torch_mlm_loss  # noqa: E402
+
+
+def is_text(name: str) -> bool:
+    return "roberta" in name
+
+
+def overrides(name, img, depth):
+    """``img`` is the image size for vision models and the sequence length for text ones."""
+    return ({} if is_text(name) else {"img_size": img}) | ({"depth": depth} if depth else {})
 
 
 def jax_steps(name, img, batch, depth):
-    over = {"img_size": img} | ({"depth": depth} if depth else {})
-    model = revjax.models.build(name, rngs=nnx.Rngs(0), **over)
+    model = revjax.models.build(name, rngs=nnx.Rngs(0), **overrides(name, img, depth))
     graphdef, params = nnx.split(model)
-    images = jax.random.normal(jax.random.key(0), (batch, img, img, 3))
-    labels = jax.random.randint(jax.random.key(1), (batch,), 0, model.config.num_classes)
+    c = model.config
+    if is_text(name):  # token ids; the labels are the ids themselves at every position
+        images = jax.random.randint(jax.random.key(0), (batch, img), 2, c.vocab_size)
+        labels, crit = images, jax_mlm_loss
+    else:
+        images = jax.random.normal(jax.random.key(0), (batch, img, img, 3))
+        labels = jax.random.randint(jax.random.key(1), (batch,), 0, c.num_classes)
+        crit = cross_entropy_loss
 
     def loss(params, mode):
-        return cross_entropy_loss(nnx.merge(graphdef, params)(images, mode=mode), labels)
+        return crit(nnx.merge(graphdef, params)(images, mode=mode), labels)
 
     fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
     compiled = {m: fn.lower(params, m).compile() for m in revjax.MODES}
@@ -42,15 +59,19 @@ def jax_steps(name, img, batch, depth):
 
 
 def torch_steps(name, img, batch, depth):
-    over = {"img_size": img} | ({"depth": depth} if depth else {})
     torch.manual_seed(0)
-    model = revtorch.models.build(name, **over)
-    images = torch.randn(batch, 3, img, img)
-    labels = torch.randint(0, model.config.num_classes, (batch,))
+    model = revtorch.models.build(name, **overrides(name, img, depth))
+    if is_text(name):
+        images = torch.randint(2, model.config.vocab_size, (batch, img))
+        labels, crit = images, torch_mlm_loss
+    else:
+        images = torch.randn(batch, 3, img, img)
+        labels = torch.randint(0, model.config.num_classes, (batch,))
+        crit = torch.nn.functional.cross_entropy
 
     def step(mode):
         model.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(model(images, mode=mode), labels)
+        loss = crit(model(images, mode=mode), labels)
         loss.backward()
 
     def saved_bytes(mode):
@@ -62,7 +83,7 @@ def torch_steps(name, img, batch, depth):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = torch.nn.functional.cross_entropy(model(images, mode=mode), labels)
+            loss = crit(model(images, mode=mode), labels)
         loss.backward()
         model.zero_grad(set_to_none=True)
         return total
@@ -75,7 +96,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="rev-vit-s")
-    ap.add_argument("--img", type=int, default=64)
+    ap.add_argument("--img", type=int, default=64,
+                    help="image size; the sequence length for text models")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--depth", type=int, default=None)
     ap.add_argument("--reps", type=int, default=7)
@@ -96,7 +118,7 @@ def main(argv=None) -> None:
              "revjax temp MiB": f"{j_mem[m] / 2**20:.1f}",
              "revtorch saved-activation MiB": f"{t_mem[m] / 2**20:.2f}"}
             for m in revjax.MODES]
-    print(f"{args.model}, {args.img} px, batch {args.batch}, torch threads "
+    print(f"{args.model}, {args.img} {'tokens' if is_text(args.model) else 'px'}, batch {args.batch}, torch threads "
           f"{torch.get_num_threads()}")
     print(table(rows, list(rows[0])))
     atomic_write_json(args.out, {"args": vars(args), "rows": rows,
