@@ -3,8 +3,8 @@
 
 A case is (model, dtype, depth). Its two models hold the same weights: the revtorch model is
 built from torch's seed and loaded into the revjax model with ``revjax.interop.torch``. Both
-see the same inputs, made by the model's family (``FAMILIES``): images for ViT (NHWC for
-jax, NCHW for torch, and their gradient compared too), token ids with a padding mask for
+see the same inputs, made by the model's family (``FAMILIES``): images for ViT and Swin
+(NHWC for jax, NCHW for torch, and their gradient compared too), token ids with a padding mask for
 RoBERTa (some positions padded; ids are not differentiable). Both take the same loss
 ``sum(logits * w)`` with a fixed random ``w``, so the gradients are one vector-Jacobian
 product. Results are
@@ -39,6 +39,9 @@ DEPTHS = (1, 2, 3)
 # RoBERTa: depth 2 only (its own test file, and report rows).
 ROBERTA_MODELS = ("rev-roberta-test", "roberta-test")
 ROBERTA_DEPTHS = (2,)
+# Swin: the default test config only (depths (2, 1), two stages); depth None = no override.
+SWIN_MODELS = ("rev-swin-test", "swin-test")
+SWIN_DEPTHS = (None,)
 SEQ_LEN = 8
 BATCH = 2
 SEED = 0
@@ -82,15 +85,16 @@ def precision(dtype: str):
 
 
 @functools.cache
-def models(name: str, dtype: str, depth: int):
+def models(name: str, dtype: str, depth: int | None):
     """(revjax model, revtorch model) with the same weights; the jax one is built abstract
     (``nnx.eval_shape``, no initialisation) and filled from torch, under ``precision(dtype)``
-    (as it must be used)."""
+    (as it must be used). ``depth`` None keeps the variant's own (Swin: per-stage depths)."""
     torch.manual_seed(SEED)
-    tmodel = revtorch.models.build(name, depth=depth, param_dtype=TORCH_DTYPES[dtype])
+    kw = {} if depth is None else {"depth": depth}
+    tmodel = revtorch.models.build(name, param_dtype=TORCH_DTYPES[dtype], **kw)
     with precision(dtype):
         jmodel = nnx.eval_shape(lambda: revjax.models.build(
-            name, rngs=nnx.Rngs(SEED), depth=depth, param_dtype=JAX_DTYPES[dtype]))
+            name, rngs=nnx.Rngs(SEED), param_dtype=JAX_DTYPES[dtype], **kw))
         from_torch(jmodel, tmodel.state_dict())
     return jmodel, tmodel
 
@@ -129,9 +133,11 @@ def _roberta_inputs(config, rng, dtype):
     return (ids, mask), w.astype(dtype)
 
 
+_IMAGES = Family(_vit_inputs, lambda args: (to_nchw(args[0]),),
+                 lambda g: g.numpy().transpose(0, 2, 3, 1))
 FAMILIES = {
-    "vit": Family(_vit_inputs, lambda args: (to_nchw(args[0]),),
-                  lambda g: g.numpy().transpose(0, 2, 3, 1)),
+    "vit": _IMAGES,
+    "swin": _IMAGES,  # images as ViT's: NHWC for jax, NCHW for torch, input gradient compared
     "roberta": Family(_roberta_inputs, lambda args: (torch.from_numpy(args[0]).long(),
                                                      torch.from_numpy(args[1])), None),
 }

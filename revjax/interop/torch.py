@@ -45,6 +45,7 @@ import numpy as np
 from flax import nnx
 
 from ..models.roberta import RobertaConfig
+from ..models.swin import SwinConfig
 from ..models.vit import ViTConfig
 
 __all__ = ["KINDS", "Row", "TABLES", "TIED", "WeightMismatchError", "from_torch", "register_table",
@@ -166,6 +167,30 @@ register_table(RobertaConfig, (
     Row("head.bias", "head.bias", "param"),
     Row("head.dense", "head.dense", "linear"),
     Row("head.norm", "head.norm", "norm"),
+))
+
+
+# Rev-Swin and Swin: hierarchical, so every row is per stage (``{s}``), each stage stacked at
+# its own depth. A stage holds an optional two-stream fusion (reversible stages after the
+# first; ``concat_mlp`` has ``fc1``/``fc2``, the other fusions no parameters), an optional
+# patch-merging transition (its reduction has no bias) and the F/G stack. The relative
+# position bias table ((2M-1)^2, heads) is a plain parameter per layer; the relative
+# position index and the shift masks are buffers (non-persistent in torch), not mapped.
+register_table(SwinConfig, (
+    Row("patch_embed.proj", "patch_embed.proj", "conv"),
+    Row("patch_embed.norm", "patch_embed.norm", "norm"),
+    Row("stages.{s}.fusion.{fc}", "stages.{s}.fusion.{fc}", "linear"),
+    Row("stages.{s}.transition.norm", "stages.{s}.transition.norm", "norm"),
+    Row("stages.{s}.transition.reduction", "stages.{s}.transition.reduction", "linear"),
+    Row("stages.{s}.blocks.f.norm", "stages.{s}.blocks.f.{i}.norm", "norm"),
+    Row("stages.{s}.blocks.f.attn.relative_position_bias_table",
+        "stages.{s}.blocks.f.{i}.attn.relative_position_bias_table", "param"),
+    Row("stages.{s}.blocks.f.attn.qkv", "stages.{s}.blocks.f.{i}.attn.qkv", "linear"),
+    Row("stages.{s}.blocks.f.attn.proj", "stages.{s}.blocks.f.{i}.attn.proj", "linear"),
+    Row("stages.{s}.blocks.g.norm", "stages.{s}.blocks.g.{i}.norm", "norm"),
+    Row("stages.{s}.blocks.g.mlp.{fc}", "stages.{s}.blocks.g.{i}.mlp.{fc}", "linear"),
+    Row("norm", "norm", "norm"),
+    Row("head", "head", "linear"),
 ))
 
 

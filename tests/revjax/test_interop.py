@@ -1,5 +1,6 @@
 """revjax.interop.torch: exact round trips, layouts, dtypes, error listing, lazy torch import,
-and a table for a hierarchical model (several stages, each its own depth, transitions)."""
+a table for a hierarchical model (several stages, each its own depth, transitions), and the
+RoBERTa (tied decoder) and Swin tables."""
 
 import dataclasses
 import subprocess
@@ -236,6 +237,52 @@ def test_roberta_round_trips_exactly(name, dtype):
     tmodel.load_state_dict(sd, strict=True)
     np.testing.assert_array_equal(np.asarray(jmodel.tok_embed.embedding.get_value()),
                                   tmodel.tok_embed.weight.detach().numpy())
+
+
+# Swin: hierarchical (per-stage rows and depths), a two-stream fusion before each patch
+# merging (reversible), a bias-free reduction, and one relative position bias table per layer.
+
+SWIN = [n for n in revjax.models.names() if n.startswith(("rev-swin-", "swin-"))]
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f64"], ids=str)
+@pytest.mark.parametrize("name", ["rev-swin-test", "swin-test"])
+def test_swin_round_trips_exactly(name, dtype):
+    jdtype, tdtype = DTYPES[dtype]
+    torch.manual_seed(0)
+    tmodel = revtorch.models.build(name, param_dtype=tdtype)
+    with jax.enable_x64(dtype == "f64"):
+        # abstract models (no initialisation, which is slow eagerly): filled from torch
+        build = lambda: revjax.models.build(name, rngs=nnx.Rngs(0), param_dtype=jdtype)  # noqa
+        jmodel = from_torch(nnx.eval_shape(build), tmodel.state_dict())
+        sd = to_torch(jmodel)
+        assert_same_params(from_torch(nnx.eval_shape(build), sd), jmodel)
+    assert all(t.dtype == tdtype for t in sd.values())
+    assert_same_tensors(sd, tmodel.state_dict())  # every key (order: table, not torch's)
+    tmodel.load_state_dict(sd, strict=True)
+    table = np.asarray(jmodel.stages[0].blocks.f.attn.relative_position_bias_table.get_value())
+    w = 2 * jmodel.config.window_size - 1
+    assert table.shape == (jmodel.config.depths[0], w * w, jmodel.config.heads[0])
+    for i in range(table.shape[0]):
+        np.testing.assert_array_equal(table[i], sd[
+            f"stages.0.blocks.f.{i}.attn.relative_position_bias_table"].numpy())
+    np.testing.assert_array_equal(
+        np.asarray(jmodel.stages[1].transition.reduction.kernel.get_value()),
+        sd["stages.1.transition.reduction.weight"].numpy().T)
+    assert "stages.1.transition.reduction.bias" not in sd
+    assert any(k.startswith("stages.1.fusion.") for k in sd) == name.startswith("rev-")
+
+
+@pytest.mark.parametrize("name", SWIN)
+def test_the_swin_table_fits_every_variant(name):
+    """Keys and shapes agree for every registered Swin, without allocating (abstract jax
+    model, torch on the meta device)."""
+    jmodel = nnx.eval_shape(lambda: revjax.models.build(name, rngs=nnx.Rngs(0)))
+    with torch.device("meta"):
+        sd = revtorch.models.build(name).state_dict()
+    entries, _ = interop._plan(jmodel)
+    got = {k: e.torch_shape() for e in entries for k in e.keys()}
+    assert got == {k: tuple(v.shape) for k, v in sd.items()}
 
 
 # A torch model that registers a tied tensor under two names (state_dict lists both,
