@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 import revtorch
+from revtorch.train import cross_entropy_loss
 
 DIM = 8
 
@@ -72,3 +73,22 @@ def grads(stack, inputs, mode):
     out = {name: p.grad.clone() for name, p in stack.named_parameters()}
     out["x1"], out["x2"] = x1.grad.clone(), x2.grad.clone()
     return loss.detach(), out
+
+
+def model_grads(model, images, labels, mode, seed=7):
+    """Loss and gradients (every parameter and the images) in ``mode``; ``seed`` fixes the
+    dropout keys the forward draws."""
+    model.zero_grad(set_to_none=True)
+    x = images.clone().requires_grad_()
+    torch.manual_seed(seed)
+    loss = cross_entropy_loss(model(x, mode=mode), labels)
+    loss.backward()
+    out = {n: p.grad.clone() for n, p in model.named_parameters()}
+    out["images"] = x.grad.clone()
+    return loss.detach(), out
+
+
+def max_grad_err(got, want):
+    assert got.keys() == want.keys()
+    return max(rel_err(got[k], want[k]) for k in want)
+

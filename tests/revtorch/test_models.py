@@ -12,7 +12,7 @@ from revtorch import layers, models
 from revtorch.models.vit import VARIANTS, ViTConfig
 from revtorch.train import cross_entropy_loss, train_step
 
-from .common import rel_err
+from .common import max_grad_err, model_grads as grads, rel_err
 
 REV_MODES = ("reprop", "pareprop")
 
@@ -27,24 +27,6 @@ def batch(dtype=torch.float64, n=4, img=32, seed=1):
     images = torch.randn(n, 3, img, img, generator=g, dtype=dtype)
     labels = torch.randint(0, 10, (n,), generator=g)
     return images, labels
-
-
-def grads(model, images, labels, mode, seed=7):
-    """Loss and gradients (every parameter and the images) in ``mode``; ``seed`` fixes the
-    dropout keys the forward draws."""
-    model.zero_grad(set_to_none=True)
-    x = images.clone().requires_grad_()
-    torch.manual_seed(seed)
-    loss = cross_entropy_loss(model(x, mode=mode), labels)
-    loss.backward()
-    out = {n: p.grad.clone() for n, p in model.named_parameters()}
-    out["images"] = x.grad.clone()
-    return loss.detach(), out
-
-
-def max_grad_err(got, want):
-    assert got.keys() == want.keys()
-    return max(rel_err(got[k], want[k]) for k in want)
 
 
 # --- the public surface -------------------------------------------------------------------
