@@ -102,8 +102,12 @@ class MlpHalf(nnx.Module):
         self.mlp = Mlp(dim, hidden, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.drop_rate, self.drop_path_rate = drop_rate, drop_path_rate
 
-    def __call__(self, x, *_, key=None, **__):
+    def __call__(self, x, *_, key=None, drop_path=None, **__):
+        """``drop_path``: this layer's rate as a per-layer input (Swin's and MViT's schedule
+        over depth), replacing the fixed ``drop_path_rate``."""
         out = self.mlp(self.norm(x))
+        if drop_path is not None:
+            return branch_dropout(out, self.drop_rate, drop_path, key, 1)
         return _regularise(out, self.drop_rate, self.drop_path_rate, key, 1)
 
 
@@ -124,15 +128,26 @@ def layer_keys(rngs: nnx.Rngs | None, depth: int) -> dict:
 
 
 class PatchEmbed(nnx.Module):
-    """Non-overlapping patches (a strided convolution), flattened to (batch, tokens, dim)."""
+    """Patches (a convolution of stride ``patch_size``), flattened to (batch, tokens, dim).
+
+    By default the patches do not overlap (kernel = stride, no padding); MViT's overlapping
+    embedding passes ``kernel_size=7, padding=3``. Either way the map is img_size / patch_size
+    on a side.
+    """
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int, *,
-                 rngs: nnx.Rngs, dtype=None, param_dtype=jnp.float32):
+                 rngs: nnx.Rngs, kernel_size: int | None = None, padding: int = 0,
+                 dtype=None, param_dtype=jnp.float32):
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        kernel = patch_size if kernel_size is None else kernel_size
+        if (img_size + 2 * padding - kernel) // patch_size + 1 != img_size // patch_size:
+            raise ValueError(f"a {kernel}x{kernel} patch kernel with padding {padding} and "
+                             f"stride {patch_size} does not give a {img_size // patch_size}"
+                             f"-wide map from {img_size} px")
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
-        self.proj = nnx.Conv(in_chans, dim, (patch_size, patch_size), strides=patch_size,
-                             padding="VALID", kernel_init=init_w,
+        self.proj = nnx.Conv(in_chans, dim, (kernel, kernel), strides=patch_size,
+                             padding=((padding, padding),) * 2, kernel_init=init_w,
                              bias_init=nnx.initializers.zeros_init(), dtype=dtype,
                              param_dtype=param_dtype, rngs=rngs)
 

@@ -127,11 +127,12 @@ class Stage(nnx.Module):
             self.blocks = ResidualStack(make_f, make_g, depth=depth, rngs=rngs)
 
     def __call__(self, streams: tuple, *shared: jax.Array, per_layer: dict | None = None,
-                 mode: str | None = None) -> tuple:
+                 mode: str | None = None, transition_kw: dict | None = None) -> tuple:
         """``streams``: ``(x1, x2)`` (reversible) or ``(x,)``; returns the stage's streams.
 
         ``shared`` and ``per_layer`` go to the stack (not differentiated); ``mode``
-        overrides the stack's backward mode (reversible stages only).
+        overrides the stack's backward mode (reversible stages only); ``transition_kw`` are
+        keyword arguments of the transition (MViT's: its dropout key and drop-path rate).
         """
         if len(streams) != (2 if self.reversible else 1):
             raise ValueError(f"a {'reversible' if self.reversible else 'standard'} stage "
@@ -139,7 +140,7 @@ class Stage(nnx.Module):
                              f"{len(streams)}")
         if self.transition is not None:
             x = self.fusion(*streams) if self.fusion is not None else streams[0]
-            x = self.transition(x)
+            x = self.transition(x, **(transition_kw or {}))
             streams = start(x, self.reversible)
         if self.reversible:
             return self.blocks(*streams, *shared, per_layer=per_layer, mode=mode)

@@ -151,25 +151,39 @@ class MlpHalf(nn.Module):
         self.mlp = Mlp(dim, hidden)
         self.drop_rate, self.drop_path_rate = drop_rate, drop_path_rate
 
-    def forward(self, x: Tensor, *_, key=None, **__) -> Tensor:
+    def forward(self, x: Tensor, *_, key=None, drop_path=None, **__) -> Tensor:
+        """``drop_path``: this layer's rate as a per-layer input (Swin's and MViT's schedule
+        over depth), replacing the fixed ``drop_path_rate``."""
         out = self.mlp(self.norm(x))
+        if drop_path is not None:
+            return branch_dropout(out, self.drop_rate, drop_path, key, 1)
         return _regularise(out, self.drop_rate, self.drop_path_rate, key, 1)
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patches (a strided convolution), flattened to (batch, tokens, dim).
+    """Patches (a convolution of stride ``patch_size``), flattened to (batch, tokens, dim).
 
-    Input NCHW ``(batch, in_chans, img_size, img_size)``; tokens in row-major (h, w) order,
+    By default the patches do not overlap (kernel = stride, no padding); MViT's overlapping
+    embedding passes ``kernel_size=7, padding=3``. Either way the map is img_size / patch_size
+    on a side. Input NCHW ``(batch, in_chans, img_size, img_size)``; tokens in row-major (h, w) order,
     as the NHWC reshape of the JAX twin. Outside autocast the images are cast to the
     parameters' dtype.
     """
 
-    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int) -> None:
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, dim: int, *,
+                 kernel_size: int | None = None, padding: int = 0) -> None:
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+        kernel = patch_size if kernel_size is None else kernel_size
+        if (img_size + 2 * padding - kernel) // patch_size + 1 != img_size // patch_size:
+            raise ValueError(
+                f"a {kernel}x{kernel} patch kernel with padding {padding} and stride "
+                f"{patch_size} does not give a {img_size // patch_size}-wide map from "
+                f"{img_size} px"
+            )
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
-        self.proj = nn.Conv2d(in_chans, dim, patch_size, stride=patch_size)
+        self.proj = nn.Conv2d(in_chans, dim, kernel, stride=patch_size, padding=padding)
         init_w(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 

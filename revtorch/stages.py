@@ -140,11 +140,13 @@ class Stage(nn.Module):
         *shared: Tensor,
         per_layer: Mapping[str, Tensor] | None = None,
         mode: str | None = None,
+        transition_kw: Mapping[str, object] | None = None,
     ) -> tuple[Tensor, ...]:
         """``streams``: ``(x1, x2)`` (reversible) or ``(x,)``; returns the stage's streams.
 
         ``shared`` and ``per_layer`` go to the stack (detached); ``mode`` overrides the
-        stack's backward mode (reversible stages only).
+        stack's backward mode (reversible stages only); ``transition_kw`` are keyword
+        arguments of the transition (MViT's: its dropout key and drop-path rate).
         """
         want = 2 if self.reversible else 1
         if len(streams) != want:
@@ -152,7 +154,7 @@ class Stage(nn.Module):
             raise ValueError(f"a {kind} stage takes {want} stream(s), got {len(streams)}")
         if self.transition is not None:
             x = self.fusion(*streams) if self.fusion is not None else streams[0]
-            x = self.transition(x)
+            x = self.transition(x, **(transition_kw or {}))
             streams = start(x, self.reversible)
         if self.reversible:
             return self.blocks(*streams, *shared, per_layer=per_layer, mode=mode)

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..models.mvit import MViTConfig
 from ..models.roberta import RobertaConfig
 from ..models.swin import SwinConfig
 from ..models.vit import ViTConfig
@@ -187,6 +188,38 @@ register_table(SwinConfig, (
         "stages.{s}.blocks.f.{i}.attn.relative_position_bias_table", "param"),
     Row("stages.{s}.blocks.f.attn.qkv", "stages.{s}.blocks.f.{i}.attn.qkv", "linear"),
     Row("stages.{s}.blocks.f.attn.proj", "stages.{s}.blocks.f.{i}.attn.proj", "linear"),
+    Row("stages.{s}.blocks.g.norm", "stages.{s}.blocks.g.{i}.norm", "norm"),
+    Row("stages.{s}.blocks.g.mlp.{fc}", "stages.{s}.blocks.g.{i}.mlp.{fc}", "linear"),
+    Row("norm", "norm", "norm"),
+    Row("head", "head", "linear"),
+))
+
+
+
+def _pooling_attention_rows(jax: str, torch: str) -> list[Row]:
+    """MViT's pooling attention at ``jax`` / ``torch``: projections, the depthwise pooling
+    convolutions (no bias) and their LayerNorms, the two relative position tables."""
+    rows = [Row(f"{jax}.{m}", f"{torch}.{m}", "linear") for m in ("qkv", "proj")]
+    for x in "qkv":
+        rows += [Row(f"{jax}.pool_{x}", f"{torch}.pool_{x}", "conv"),
+                 Row(f"{jax}.norm_{x}", f"{torch}.norm_{x}", "norm")]
+    return rows + [Row(f"{jax}.rel_pos_{a}", f"{torch}.rel_pos_{a}", "param") for a in "hw"]
+
+
+# MViT: stage i >= 1 has its fusion (reversible; ``concat_mlp`` only has parameters) and its
+# transition block (plain rows), every stage a stacked F/G. The relative position indices are
+# constants (non-persistent buffers in torch), not mapped.
+register_table(MViTConfig, (
+    Row("patch_embed.proj", "patch_embed.proj", "conv"),
+    Row("stages.{s}.fusion.{fc}", "stages.{s}.fusion.{fc}", "linear"),
+    Row("stages.{s}.transition.norm1", "stages.{s}.transition.norm1", "norm"),
+    *_pooling_attention_rows("stages.{s}.transition.attn", "stages.{s}.transition.attn"),
+    Row("stages.{s}.transition.shortcut_proj", "stages.{s}.transition.shortcut_proj",
+        "linear"),
+    Row("stages.{s}.transition.norm2", "stages.{s}.transition.norm2", "norm"),
+    Row("stages.{s}.transition.mlp.{fc}", "stages.{s}.transition.mlp.{fc}", "linear"),
+    Row("stages.{s}.blocks.f.norm", "stages.{s}.blocks.f.{i}.norm", "norm"),
+    *_pooling_attention_rows("stages.{s}.blocks.f.attn", "stages.{s}.blocks.f.{i}.attn"),
     Row("stages.{s}.blocks.g.norm", "stages.{s}.blocks.g.{i}.norm", "norm"),
     Row("stages.{s}.blocks.g.mlp.{fc}", "stages.{s}.blocks.g.{i}.mlp.{fc}", "linear"),
     Row("norm", "norm", "norm"),

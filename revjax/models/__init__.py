@@ -59,5 +59,6 @@ def build(name: str, *, rngs: nnx.Rngs, mode: str | None = None, **overrides) ->
 from . import vit  # noqa: E402,F401  (registers the ViT family)
 from . import roberta  # noqa: E402,F401  (registers the RoBERTa family)
 from . import swin  # noqa: E402,F401  (registers the Swin family)
+from . import mvit  # noqa: E402,F401  (registers the MViT family)
 
 __all__ = ["build", "names", "register", "register_family"]

@@ -246,13 +246,6 @@ class WindowAttentionHalf(nnx.Module):
         return layers.branch_dropout(y, self.drop_rate, drop_path, key, 0)
 
 
-class MlpHalf(layers.MlpHalf):
-    """G = LayerNorm + MLP, with this layer's drop-path rate as a per-layer input."""
-
-    def __call__(self, x, *_, key=None, drop_path=None, **__):
-        return layers.branch_dropout(self.mlp(self.norm(x)), self.drop_rate, drop_path, key, 1)
-
-
 class PatchMerging(nnx.Module):
     """2x2 neighbourhoods concatenated (offsets (0,0), (1,0), (0,1), (1,1) in (y, x), Swin's
     order) -> LayerNorm(4 * in) -> ``reduction`` Linear(4 * in, out), no bias."""
@@ -308,7 +301,7 @@ class SwinTransformer(nnx.Module):
         for i, (g, depth, heads) in enumerate(zip(geo, c.depths, c.heads)):
             make_f = functools.partial(WindowAttentionHalf, g.dim, heads, g.window,
                                        drop_rate=c.drop_rate, **kw)
-            make_g = functools.partial(MlpHalf, g.dim, int(g.dim * c.mlp_ratio),
+            make_g = functools.partial(layers.MlpHalf, g.dim, int(g.dim * c.mlp_ratio),
                                        drop_rate=c.drop_rate, **kw)
             merge = functools.partial(_merging, out_dim=g.dim, **kw) if i else None
             stages.append(Stage(lambda r, mk=make_f: mk(rngs=r),

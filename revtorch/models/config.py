@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
+import torch
+
 from ..core import MODES
+
+# Compute dtypes below the parameters' that a model runs under ``torch.autocast``.
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def with_overrides(config, overrides: dict):
@@ -31,3 +37,30 @@ def resolve_mode(config, mode: str | None) -> str:
             f"mode='backprop' only, got {mode!r}; use rev-{config.name}"
         )
     return mode
+
+
+def check_dtypes(config) -> None:
+    """``param_dtype`` must be floating; the compute ``dtype`` None, ``param_dtype`` or one of
+    ``AUTOCAST_DTYPES``."""
+    if not config.param_dtype.is_floating_point:
+        raise TypeError(f"param_dtype must be a floating dtype, got {config.param_dtype}")
+    if config.dtype not in (None, config.param_dtype, *AUTOCAST_DTYPES):
+        raise ValueError(
+            f"dtype (compute) must be None, param_dtype ({config.param_dtype}) or one of "
+            f"{AUTOCAST_DTYPES} (run under autocast), got {config.dtype}"
+        )
+
+
+def compute_context(config, params: torch.dtype, device: torch.device
+                    ) -> contextlib.AbstractContextManager:
+    """Autocast to ``config.dtype`` on ``device`` when it is below the parameters' dtype
+    ``params``, else nothing."""
+    dtype = config.dtype
+    if dtype is None or dtype == params:
+        return contextlib.nullcontext()
+    if dtype not in AUTOCAST_DTYPES:
+        raise ValueError(
+            f"cannot compute in {dtype} with {params} parameters; "
+            f"use one of {AUTOCAST_DTYPES} or None"
+        )
+    return torch.autocast(device.type, dtype=dtype)

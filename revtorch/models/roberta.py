@@ -31,9 +31,8 @@ from torch import Tensor, nn
 from .. import layers
 from ..stack import ResidualStack, RevStack
 from . import register_family
-from .config import resolve_mode
+from .config import check_dtypes, compute_context, resolve_mode
 
-AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 # RoBERTa's padding_idx for positions: padding sits at row 1, real tokens at rows 2.. (the
 # layout of the released checkpoints, whose pad token id is 1 as well). Fixed, so that the
@@ -99,13 +98,7 @@ class Roberta(nn.Module):
     def __init__(self, config: RobertaConfig, *, mode: str | None = None) -> None:
         super().__init__()
         c = config
-        if not c.param_dtype.is_floating_point:
-            raise TypeError(f"param_dtype must be a floating dtype, got {c.param_dtype}")
-        if c.dtype not in (None, c.param_dtype, *AUTOCAST_DTYPES):
-            raise ValueError(
-                f"dtype (compute) must be None, param_dtype ({c.param_dtype}) or one of "
-                f"{AUTOCAST_DTYPES} (run under autocast), got {c.dtype}"
-            )
+        check_dtypes(c)
         if c.max_len < 1 or c.vocab_size < 1:
             raise ValueError(
                 f"max_len and vocab_size must be positive, got {c.max_len}, {c.vocab_size}"
@@ -132,15 +125,7 @@ class Roberta(nn.Module):
 
     def _compute(self, ids: Tensor) -> contextlib.AbstractContextManager:
         """Autocast to ``config.dtype`` when it is below the parameters' dtype, else nothing."""
-        dtype = self.config.dtype
-        if dtype is None or dtype == self.tok_embed.weight.dtype:
-            return contextlib.nullcontext()
-        if dtype not in AUTOCAST_DTYPES:
-            raise ValueError(
-                f"cannot compute in {dtype} with {self.tok_embed.weight.dtype} parameters; "
-                f"use one of {AUTOCAST_DTYPES} or None"
-            )
-        return torch.autocast(ids.device.type, dtype=dtype)
+        return compute_context(self.config, self.tok_embed.weight.dtype, ids.device)
 
     def _inputs(self, ids, mask) -> tuple[Tensor, Tensor]:
         """Checked ids and a boolean padding mask (derived from ``pad_id`` when None)."""

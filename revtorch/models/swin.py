@@ -46,9 +46,8 @@ from torch import Tensor, nn
 from .. import layers
 from ..stages import Stage, check_fusion, concat, start
 from . import register_family
-from .config import resolve_mode
+from .config import check_dtypes, compute_context, resolve_mode
 
-AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 MASK_VALUE = -1e9  # additive bias between tokens that must not attend (exp underflows to 0)
 
 
@@ -267,13 +266,6 @@ class WindowAttentionHalf(nn.Module):
         return layers.branch_dropout(y, self.drop_rate, drop_path, key, 0)
 
 
-class MlpHalf(layers.MlpHalf):
-    """G = LayerNorm + MLP, with this layer's drop-path rate as a per-layer input."""
-
-    def forward(self, x, *_, key=None, drop_path=None, **__) -> Tensor:
-        return layers.branch_dropout(self.mlp(self.norm(x)), self.drop_rate, drop_path, key, 1)
-
-
 class PatchMerging(nn.Module):
     """2x2 neighbourhoods concatenated (offsets (0,0), (1,0), (0,1), (1,1) in (y, x), Swin's
     order) -> LayerNorm(4 * in) -> ``reduction`` Linear(4 * in, out), no bias."""
@@ -320,13 +312,7 @@ class SwinTransformer(nn.Module):
     def __init__(self, config: SwinConfig, *, mode: str | None = None) -> None:
         super().__init__()
         c = config
-        if not c.param_dtype.is_floating_point:
-            raise TypeError(f"param_dtype must be a floating dtype, got {c.param_dtype}")
-        if c.dtype not in (None, c.param_dtype, *AUTOCAST_DTYPES):
-            raise ValueError(
-                f"dtype (compute) must be None, param_dtype ({c.param_dtype}) or one of "
-                f"{AUTOCAST_DTYPES} (run under autocast), got {c.dtype}"
-            )
+        check_dtypes(c)
         self.config = config
         self.mode = resolve_mode(config, mode)
         self.geometry = geo = geometry(config)
@@ -335,7 +321,7 @@ class SwinTransformer(nn.Module):
         for i, (g, depth, heads) in enumerate(zip(geo, c.depths, c.heads)):
             make_f = functools.partial(WindowAttentionHalf, g.dim, heads, g.window,
                                        drop_rate=c.drop_rate)
-            make_g = functools.partial(MlpHalf, g.dim, int(g.dim * c.mlp_ratio),
+            make_g = functools.partial(layers.MlpHalf, g.dim, int(g.dim * c.mlp_ratio),
                                        drop_rate=c.drop_rate)
             merge = functools.partial(PatchMerging, out_dim=g.dim) if i else None
             stages.append(Stage(make_f, make_g, depth=depth, reversible=c.reversible,
@@ -351,15 +337,7 @@ class SwinTransformer(nn.Module):
 
     def _compute(self, x: Tensor) -> contextlib.AbstractContextManager:
         """Autocast to ``config.dtype`` when it is below the parameters' dtype, else nothing."""
-        dtype, params = self.config.dtype, self.head.weight.dtype
-        if dtype is None or dtype == params:
-            return contextlib.nullcontext()
-        if dtype not in AUTOCAST_DTYPES:
-            raise ValueError(
-                f"cannot compute in {dtype} with {params} parameters; "
-                f"use one of {AUTOCAST_DTYPES} or None"
-            )
-        return torch.autocast(x.device.type, dtype=dtype)
+        return compute_context(self.config, self.head.weight.dtype, x.device)
 
     def per_layer(self, i: int, train: bool = False) -> dict[str, Tensor]:
         """Stage i's per-layer inputs: ``shift`` (CPU), ``mask`` and, when ``train`` and a rate

@@ -22,9 +22,8 @@ from torch import Tensor, nn
 from .. import layers
 from ..stack import ResidualStack, RevStack
 from . import register_family
-from .config import resolve_mode
+from .config import check_dtypes, compute_context, resolve_mode
 
-AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +67,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, config: ViTConfig, *, mode: str | None = None) -> None:
         super().__init__()
         c = config
-        if not c.param_dtype.is_floating_point:
-            raise TypeError(f"param_dtype must be a floating dtype, got {c.param_dtype}")
-        if c.dtype not in (None, c.param_dtype, *AUTOCAST_DTYPES):
-            raise ValueError(
-                f"dtype (compute) must be None, param_dtype ({c.param_dtype}) or one of "
-                f"{AUTOCAST_DTYPES} (run under autocast), got {c.dtype}"
-            )
+        check_dtypes(c)
         self.config = config
         self.mode = resolve_mode(config, mode)
         self.patch_embed = layers.PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.dim)
@@ -95,15 +88,7 @@ class VisionTransformer(nn.Module):
 
     def _compute(self, x: Tensor) -> contextlib.AbstractContextManager:
         """Autocast to ``config.dtype`` when it is below the parameters' dtype, else nothing."""
-        dtype = self.config.dtype
-        if dtype is None or dtype == self.pos_embed.dtype:
-            return contextlib.nullcontext()
-        if dtype not in AUTOCAST_DTYPES:
-            raise ValueError(
-                f"cannot compute in {dtype} with {self.pos_embed.dtype} parameters; "
-                f"use one of {AUTOCAST_DTYPES} or None"
-            )
-        return torch.autocast(x.device.type, dtype=dtype)
+        return compute_context(self.config, self.pos_embed.dtype, x.device)
 
     def features(self, x: Tensor, *, mode: str | None = None) -> Tensor:
         """Pooled, normalised features: (batch, 2C) for Rev-ViT, (batch, C) for ViT."""
