@@ -22,7 +22,9 @@ import revjax  # noqa: E402
 PUBLISHED = {"vit-ti": 5.7, "vit-s": 22.1, "vit-b": 86.6, "vit-l": 304.3, "vit-h": 632.0,
              # Swin-T/S/B/L, 1000 classes (Liu et al., 2021); RoBERTa (Liu et al., 2019)
              "swin-t": 28.3, "swin-s": 49.6, "swin-b": 87.8, "swin-l": 197.0,
-             "roberta-base": 125.0, "roberta-large": 355.0}
+             "roberta-base": 125.0, "roberta-large": 355.0,
+             # MViTv2-T/S/B (Li et al., 2022, Table 2; timm: 24.17M, 34.87M, 51.47M)
+             "mvit-t": 24.0, "mvit-s": 35.0, "mvit-b": 52.0}
 
 
 def count(name: str) -> int:

@@ -1,13 +1,14 @@
 """Cross-framework parity: the largest relative differences between revjax and revtorch.
 
 For each model, dtype, depth and (jax mode, torch mode) pair, on the same weights and inputs
-(images for ViT; token ids with a padding mask for RoBERTa, at depth 2 only): the forward
+(images for ViT, Swin and MViT, the hierarchical ones at their test variant's own stage
+depths, shown as depth None; token ids with a padding mask for RoBERTa, at depth 2): the forward
 outputs (the plain forward and the differentiated one) and the gradients (every parameter
 leaf, and the images: token ids are not differentiated), as ``max|jax - torch| / max|torch|``.
 The computation is the parity suite's (``parity_tests/common.py``); this prints it as a
 markdown table and writes ``results/parity.json``.
 
-    python experiments/parity_report.py                 # all cases, ~3 min on 2 CPU cores
+    python experiments/parity_report.py                 # all cases, ~6 min on 2 CPU cores
     python experiments/parity_report.py --gpu           # also PaReprop vs Reprop speed on GPU
 """
 
@@ -31,9 +32,12 @@ COLUMNS = ("model", "dtype", "depth", "jax mode", "torch mode", "forward", "grad
 def rows(models, dtypes, depths) -> list[dict]:
     out = []
     every = (parity.mode_cases()
-             + parity.mode_cases(parity.ROBERTA_MODELS, parity.ROBERTA_DEPTHS))
+             + parity.mode_cases(parity.ROBERTA_MODELS, parity.ROBERTA_DEPTHS)
+             + parity.mode_cases(parity.SWIN_MODELS, parity.SWIN_DEPTHS)
+             + parity.mode_cases(parity.MVIT_MODELS, parity.MVIT_DEPTHS))
     for name, dtype, depth, jax_mode, torch_mode in every:
-        if name not in models or dtype not in dtypes or depth not in depths:
+        # depth None: a hierarchical model's own per-stage depths, reported whatever --depths
+        if name not in models or dtype not in dtypes or depth not in (*depths, None):
             continue
         d = parity.grad_diffs(name, dtype, depth, jax_mode, torch_mode)
         forward = max(parity.forward_diff(name, dtype, depth), d["logits"])
@@ -73,7 +77,8 @@ def gpu_rows() -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+",
-                    default=[*parity.MODELS, *parity.ROBERTA_MODELS])
+                    default=[*parity.MODELS, *parity.ROBERTA_MODELS, *parity.SWIN_MODELS,
+                             *parity.MVIT_MODELS])
     ap.add_argument("--dtypes", nargs="+", default=list(parity.DTYPES))
     ap.add_argument("--depths", nargs="+", type=int, default=list(parity.DEPTHS))
     ap.add_argument("--gpu", action="store_true", help="also time PaReprop vs Reprop on GPU")

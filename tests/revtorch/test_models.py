@@ -76,7 +76,7 @@ def count(c: ViTConfig) -> int:
     return embed + c.depth * (attn + mlp) + 2 * width + width * c.num_classes + c.num_classes
 
 
-@pytest.mark.parametrize("name", [n for n in models.names() if "vit-" in n])
+@pytest.mark.parametrize("name", [n for n in models.names() if n.startswith(("rev-vit-", "vit-"))])
 def test_parameter_counts(name):
     with torch.device("meta"):  # no allocation, even for ViT-H
         model = models.build(name)
