@@ -152,7 +152,7 @@ def rel_pos_index(q_side: int, k_side: int) -> np.ndarray:
     q_ratio, k_ratio = max(k_side / q_side, 1.0), max(q_side / k_side, 1.0)
     dist = (np.arange(q_side)[:, None] * q_ratio - np.arange(k_side)[None, :] * k_ratio
             + (k_side - 1) * k_ratio)
-    index = dist.astype(np.int64)
+    index = dist.astype(np.int32)
     index.setflags(write=False)
     return index
 

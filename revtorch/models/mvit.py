@@ -159,7 +159,7 @@ def rel_pos_index(q_side: int, k_side: int) -> np.ndarray:
         - np.arange(k_side)[None, :] * k_ratio
         + (k_side - 1) * k_ratio
     )
-    index = dist.astype(np.int64)
+    index = dist.astype(np.int32)
     index.setflags(write=False)
     return index
 
@@ -219,7 +219,7 @@ class PoolingAttention(nn.Module):
         rows = 2 * max(q_side, kv_side) - 1
         self.rel_pos_h = nn.Parameter(layers.init_w(torch.empty(rows, d)))
         self.rel_pos_w = nn.Parameter(layers.init_w(torch.empty(rows, d)))
-        index = torch.tensor(rel_pos_index(q_side, kv_side))  # a copy: the cache is read-only
+        index = torch.tensor(rel_pos_index(q_side, kv_side), dtype=torch.int64)  # a copy
         self.register_buffer("rel_pos_index", index, persistent=False)
 
     def _pool(self, t: Tensor, pool, norm) -> Tensor:
