@@ -282,7 +282,9 @@ class TransitionBlock(nn.Module):
     """MViTv2's stage transition: Q pooled by 2, width ``dim_in`` -> ``dim_out``.
 
     ``x -> s + A(norm1(x))``, with ``s`` = max-pool 3x3/2 (padding 1) of ``shortcut_proj``
-    (norm1(x)) (or of x when the widths agree), then ``x -> x + mlp(norm2(x))``. Dropout and
+    (norm1(x)), then ``x -> x + mlp(norm2(x))``. MViTv2 projects the shortcut when the width
+    changes, which it does at every transition; we always project, so that with the ``concat``
+    fusion (input 2 C_in = C_out wide) the projection still mixes the two streams. Dropout and
     drop-path as in the halves, from ``key`` and the rate ``drop_path``.
     """
 
@@ -292,14 +294,14 @@ class TransitionBlock(nn.Module):
         self.norm1 = layers.layer_norm(dim_in)
         self.attn = PoolingAttention(dim_in, dim_out, heads, size, q_stride=2,
                                      kv_stride=kv_stride, kernel=kernel)
-        self.shortcut_proj = layers.dense(dim_in, dim_out) if dim_in != dim_out else None
+        self.shortcut_proj = layers.dense(dim_in, dim_out)
         self.norm2 = layers.layer_norm(dim_out)
         self.mlp = layers.Mlp(dim_out, int(dim_out * mlp_ratio))
         self.drop_rate = drop_rate
 
     def forward(self, x: Tensor, *, key=None, drop_path=None) -> Tensor:
         x_norm = self.norm1(x)
-        skip = x if self.shortcut_proj is None else self.shortcut_proj(x_norm)
+        skip = self.shortcut_proj(x_norm)
         skip = nn.functional.max_pool2d(skip.permute(0, 3, 1, 2), 3, 2, 1).permute(0, 2, 3, 1)
         x = skip + layers.branch_dropout(self.attn(x_norm), self.drop_rate, drop_path, key, 0)
         return x + layers.branch_dropout(
