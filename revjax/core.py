@@ -154,6 +154,14 @@ def _on_stream(fn, stream: int):
 
 GRADS_STREAM, REBUILD_STREAM = 1, 2
 
+# XLA:CPU compiler options for programs that use pareprop (``jax.jit(fn, compiler_options=
+# CPU_COMPILER_OPTIONS)``, or the same as ``XLA_FLAGS``). pareprop carries one layer's VJP
+# residuals from the step that rebuilds the layer to the step that differentiates it; XLA's
+# default copy insertion copies every carried residual at every step (the new ones are
+# written while the old are still read), region analysis proves the copies unneeded and
+# drops them (63 -> 0 per step for Rev-ViT-S). experiments/pareprop_cpu.py measures it.
+CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+
 
 # -------------------------------------------------------------------------- the stack
 
