@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 from .. import layers
 from ..stages import Stage, check_fusion, concat, start
@@ -167,6 +168,26 @@ def drop_path_rates(c: MViTConfig) -> list[np.ndarray]:
 # ------------------------------------------------------------------------- layers
 
 
+def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """A depthwise convolution, padding k // 2, as a sum of k^2 strided slices scaled per
+    channel: x (N, H, W, C), kernel (k, k, 1, C) (``nnx.Conv``'s layout with
+    ``feature_group_count=C``). The same function as the grouped convolution, several times
+    faster forward and backward on XLA:CPU, whose grouped convolutions are slow."""
+    k, n, h, w, c = kernel.shape[0], *x.shape
+    p = k // 2
+    ho, wo = (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1
+    x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    kernel = kernel.astype(x.dtype)
+    out = None
+    for a in range(k):
+        for b in range(k):
+            tap = lax.slice(x, (0, a, b, 0), (n, a + (ho - 1) * stride + 1,
+                                              b + (wo - 1) * stride + 1, c),
+                            (1, stride, stride, 1)) * kernel[a, b, 0]
+            out = tap if out is None else out + tap
+    return out
+
+
 def _pool_conv(dim: int, kernel: int, stride: int, rngs, dtype, param_dtype):
     """A depthwise ``kernel`` x ``kernel`` convolution, padding kernel // 2, no bias; None
     when it would be the identity (kernel and stride 1, as MViTv2 skips it)."""
@@ -213,7 +234,8 @@ class PoolingAttention(nnx.Module):
         t = t.transpose(0, 3, 1, 2, 4)
         if pool is None:
             return t
-        t = norm(pool(t.reshape(b * n, h, w, d)))
+        stride = pool.strides if isinstance(pool.strides, int) else pool.strides[0]
+        t = norm(depthwise_conv(t.reshape(b * n, h, w, d), pool.kernel[...], stride))
         return t.reshape(b, n, *t.shape[1:])
 
     def __call__(self, x: jax.Array) -> jax.Array:
