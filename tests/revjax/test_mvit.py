@@ -641,3 +641,28 @@ def test_errors():
         shape(jnp.ones((2, 32, 32, 3), jnp.int32))
     with pytest.raises(ValueError, match="mode must be one of"):
         shape(jnp.ones((2, 32, 32, 3)), mode="fastest")
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4])
+@pytest.mark.parametrize("kernel", [1, 3, 5])
+def test_depthwise_conv_is_the_grouped_convolution(kernel, stride):
+    """The strided-slice depthwise convolution the pooling uses equals XLA's grouped
+    convolution (padding k // 2), values and gradients."""
+    kx, kw = jax.random.split(jax.random.key(kernel * 10 + stride))
+    x = jax.random.normal(kx, (2, 8, 8, 4))
+    w = jax.random.normal(kw, (kernel, kernel, 1, 4))
+    p = kernel // 2
+
+    def grouped(x, w):
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=4)
+
+    def ours(x, w):
+        return mvit.depthwise_conv(x, w, stride)
+
+    np.testing.assert_allclose(ours(x, w), grouped(x, w), rtol=1e-5, atol=1e-5)
+    loss = lambda fn: lambda x, w: jnp.sum(jnp.sin(fn(x, w)))  # noqa: E731
+    for a, b in zip(jax.grad(loss(ours), argnums=(0, 1))(x, w),
+                    jax.grad(loss(grouped), argnums=(0, 1))(x, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
