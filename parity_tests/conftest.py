@@ -4,3 +4,15 @@ the GPU's memory (set before jax starts its backend; an explicit setting wins)."
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def pytest_collection_modifyitems(items):
+    """One case (model, dtype, depth) compiles one jax program and runs torch once for all
+    its mode pairs (cached per process): under ``pytest -n --dist loadgroup`` (``make
+    test``) keep a case's tests on one worker, so that no case is compiled twice."""
+    import pytest
+
+    for item in items:
+        case = getattr(item, "callspec", None) and item.callspec.params.get("case")
+        if case:
+            item.add_marker(pytest.mark.xdist_group("-".join(map(str, case[:3]))))
