@@ -12,7 +12,8 @@ def pytest_collection_modifyitems(items):
     test``) keep a case's tests on one worker, so that no case is compiled twice."""
     import pytest
 
-    for item in items:
+    here = os.path.dirname(os.path.abspath(__file__))
+    for item in items:  # the hook sees the whole session: only this folder's (tuple) cases
         case = getattr(item, "callspec", None) and item.callspec.params.get("case")
-        if case:
+        if isinstance(case, tuple) and str(item.path).startswith(here + os.sep):
             item.add_marker(pytest.mark.xdist_group("-".join(map(str, case[:3]))))
