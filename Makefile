@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(PY) experiments/demo.py
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 --dist loadgroup -q  # testpaths (pyproject.toml): tests, parity_tests
+	$(PY) -m pytest -n 2 -q  # testpaths (pyproject.toml): tests, parity_tests
 
 parity: $(STAMP)
 	$(PY) -m pytest -q parity_tests
