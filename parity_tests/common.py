@@ -293,6 +293,35 @@ def grad_diffs(name: str, dtype: str, depth: int, jax_mode: str, torch_mode: str
             "params": per_leaf[worst], "worst": worst}
 
 
+def case_id(case) -> str:
+    """A case's test id: ``model-dtype[-depthN][-jax mode-torch mode]`` (no depth when the
+    case keeps the variant's own, depth None)."""
+    name, dtype, depth, *pair = case
+    return "-".join([name, dtype, *([] if depth is None else [f"depth{depth}"]), *pair])
+
+
+def check_forward(case) -> None:
+    """Assert a (model, dtype, depth) case's plain forward logits agree within ``TOL``."""
+    name, dtype, depth = case
+    diff = forward_diff(name, dtype, depth)
+    assert diff <= TOL[dtype]["forward"], f"{case_id(case)}: logits differ by {diff:.2e}"
+
+
+def check_gradients(case) -> None:
+    """Assert a (model, dtype, depth, jax mode, torch mode) case's differentiated logits,
+    input gradient (None when the family's input is not differentiated, as token ids) and
+    every parameter gradient agree within ``TOL``."""
+    name, dtype, depth, jax_mode, torch_mode = case
+    d = grad_diffs(name, dtype, depth, jax_mode, torch_mode)
+    tol = TOL[dtype]
+    assert d["logits"] <= tol["forward"], f"{case_id(case)}: logits differ: {d}"
+    if family(name).grad_input is None:
+        assert d["input"] is None
+    else:
+        assert d["input"] <= tol["grad"], f"{case_id(case)}: input gradients differ: {d}"
+    assert d["params"] <= tol["grad"], f"{case_id(case)}: parameter gradients differ: {d}"
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: PaReprop against Reprop in each framework (speed, and the gradients still agreeing).
 # Rev-ViT-L at 224 px, batch 64, float32 (PaReprop: Zhu & Mangalam 2023, arXiv:2306.09342,

@@ -13,26 +13,14 @@ from . import common
 MODELS, DEPTHS = common.SWIN_MODELS, common.SWIN_DEPTHS
 
 
-def _id(case) -> str:
-    name, dtype, _, *pair = case
-    return "-".join([name, dtype, *pair])
-
-
-@pytest.mark.parametrize("case", common.cases(MODELS, DEPTHS), ids=_id)
+@pytest.mark.parametrize("case", common.cases(MODELS, DEPTHS), ids=common.case_id)
 def test_forward_outputs_match(case):
-    name, dtype, depth = case
-    diff = common.forward_diff(name, dtype, depth)
-    assert diff <= common.TOL[dtype]["forward"], f"{_id(case)}: logits differ by {diff:.2e}"
+    common.check_forward(case)
 
 
-@pytest.mark.parametrize("case", common.mode_cases(MODELS, DEPTHS), ids=_id)
+@pytest.mark.parametrize("case", common.mode_cases(MODELS, DEPTHS), ids=common.case_id)
 def test_gradients_match(case):
-    name, dtype, depth, jax_mode, torch_mode = case
-    d = common.grad_diffs(name, dtype, depth, jax_mode, torch_mode)
-    tol = common.TOL[dtype]
-    assert d["logits"] <= tol["forward"], f"{_id(case)}: logits differ: {d}"
-    assert d["input"] <= tol["grad"], f"{_id(case)}: input gradients differ: {d}"
-    assert d["params"] <= tol["grad"], f"{_id(case)}: parameter gradients differ: {d}"
+    common.check_gradients(case)
 
 
 def test_the_case_has_shifted_windows_and_a_merging():
