@@ -92,3 +92,22 @@ def max_grad_err(got, want):
     assert got.keys() == want.keys()
     return max(rel_err(got[k], want[k]) for k in want)
 
+
+
+def saved_bytes(loss_fn, exclude=()) -> int:
+    """Bytes of the tensors autograd saves for backward while ``loss_fn()`` builds the loss,
+    leaving out tensors that share storage with ``exclude`` (constants and inputs that are
+    not activations); then runs the backward (the saved tensors are what it used)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.untyped_storage().data_ptr() not in skip:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    loss.backward()
+    return total

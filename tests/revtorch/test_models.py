@@ -12,7 +12,7 @@ from revtorch import layers, models
 from revtorch.models.vit import VARIANTS, ViTConfig
 from revtorch.train import cross_entropy_loss, train_step
 
-from .common import max_grad_err, model_grads as grads, rel_err
+from .common import max_grad_err, model_grads as grads, rel_err, saved_bytes
 
 REV_MODES = ("reprop", "pareprop")
 
@@ -226,26 +226,16 @@ def test_bfloat16_compute_under_autocast():
 # --- memory --------------------------------------------------------------------------------
 
 
-def saved_bytes(mode, depth):
+def _saved_bytes(mode, depth):
     """Bytes of the tensors saved for backward by forward + loss on a Rev-ViT."""
     model = vit(dtype=torch.float32, depth=depth)
     images, labels = batch(torch.float32, n=4)
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = cross_entropy_loss(model(images, mode=mode), labels)
-    loss.backward()
-    return total
+    return saved_bytes(lambda: cross_entropy_loss(model(images, mode=mode), labels))
 
 
 @pytest.mark.parametrize("mode", revtorch.MODES)
 def test_saved_activation_bytes(mode):
-    small, large = saved_bytes(mode, 2), saved_bytes(mode, 8)
+    small, large = _saved_bytes(mode, 2), _saved_bytes(mode, 8)
     if mode == "backprop":
         assert large > 3 * small
     else:

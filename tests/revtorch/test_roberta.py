@@ -11,7 +11,7 @@ import revtorch
 from revtorch import layers, mlm, models
 from revtorch.models import roberta
 
-from .common import rel_err
+from .common import rel_err, saved_bytes
 
 REV_MODES = ("reprop", "pareprop")
 MASK_ID = 3  # the test vocabulary's <mask>; 0 <s>, 1 <pad>, 2 </s> as RoBERTa's
@@ -180,26 +180,16 @@ def test_adamw_lowers_the_mlm_loss(name, mode):
 # --- memory --------------------------------------------------------------------------------
 
 
-def saved_bytes(mode, depth):
+def _saved_bytes(mode, depth):
     """Bytes of the tensors saved for backward by forward + loss on a Rev-RoBERTa."""
     model = build(dtype=torch.float32, depth=depth, max_len=64)
     ids, labels = batch(model.config, lengths=(64, 50, 40, 30, 20, 10, 5, 64), length=64)
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = mlm.mlm_loss(model(ids, mode=mode), labels)
-    loss.backward()
-    return total
+    return saved_bytes(lambda: mlm.mlm_loss(model(ids, mode=mode), labels))
 
 
 @pytest.mark.parametrize("mode", revtorch.MODES)
 def test_saved_activation_bytes(mode):
-    small, large = saved_bytes(mode, 2), saved_bytes(mode, 8)
+    small, large = _saved_bytes(mode, 2), _saved_bytes(mode, 8)
     if mode == "backprop":
         assert large > 2 * small, (small, large)
     else:

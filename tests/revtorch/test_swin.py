@@ -11,7 +11,7 @@ from revtorch import layers, models, stages
 from revtorch.models import swin
 from revtorch.train import cross_entropy_loss
 
-from .common import max_grad_err, model_grads as grads, rel_err
+from .common import max_grad_err, model_grads as grads, rel_err, saved_bytes
 
 REV_MODES = ("reprop", "pareprop")
 
@@ -84,30 +84,19 @@ def test_bfloat16_compute_under_autocast():
 # --- memory ---------------------------------------------------------------------------------
 
 
-def saved_bytes(mode, depths):
+def _saved_bytes(mode, depths):
     """Bytes of the tensors saved for backward by forward + loss, leaving out the model's
     buffers (the constant shifted-window masks, passed as per-layer inputs)."""
     model = build(dtype=torch.float32, depths=depths)
-    constants = {b.untyped_storage().data_ptr() for b in model.buffers()}
     images, labels = batch(torch.float32, n=2)
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        if t.untyped_storage().data_ptr() not in constants:
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = cross_entropy_loss(model(images, mode=mode), labels)
-    loss.backward()
-    return total
+    return saved_bytes(lambda: cross_entropy_loss(model(images, mode=mode), labels),
+                       model.buffers())
 
 
 @pytest.mark.parametrize("mode", revtorch.MODES)
 def test_saved_activation_bytes_over_stage_depth(mode):
     """Only the reversible stages get deeper (patch merging and fusion stay as they are)."""
-    small, large = saved_bytes(mode, (2, 2)), saved_bytes(mode, (8, 8))
+    small, large = _saved_bytes(mode, (2, 2)), _saved_bytes(mode, (8, 8))
     if mode == "backprop":
         assert large > 3 * small
     else:
