@@ -13,38 +13,21 @@ from flax import nnx
 import revjax
 from revjax import layers, stages
 from revjax.models import mvit
-from revjax.train import cross_entropy_loss
 
 from ..helpers import rel_err
+from . import common
+from .common import batch, grad_fn, loss, random_params
 
 
 @functools.cache
 def abstract_model(name="rev-mvit-test", dtype=jnp.float32, **overrides):
-    """The model's structure only (``nnx.eval_shape``: nothing allocated or initialised);
-    shared, never mutated."""
-    return nnx.eval_shape(lambda: revjax.models.build(name, rngs=nnx.Rngs(0),
-                                                      param_dtype=dtype, **overrides))
-
-
-def random_params(state, seed=0, scale=0.05):
-    """Parameters drawn on the host for an abstract ``state``: LayerNorm scales
-    1 + 0.1 N(0, 1), every other leaf (biases and relative position tables too)
-    ``scale`` N(0, 1). Building eagerly would compile every initialiser op (slow on CPU)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        is_scale = "['scale']" in jax.tree_util.keystr(path)
-        noise = rng.normal(size=leaf.shape)
-        return jnp.asarray(1 + 0.1 * noise if is_scale else scale * noise, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, state)
+    """Shared, never mutated."""
+    return common.abstract_model(name, dtype, **overrides)
 
 
 def model_and_params(name="rev-mvit-test", dtype=jnp.float32, seed=0, **overrides):
-    """(model, graphdef, parameters) with host-drawn parameters (``random_params``)."""
-    graphdef, state = nnx.split(abstract_model(name, dtype, **overrides))
-    params = random_params(state, seed)
-    return nnx.merge(graphdef, params), graphdef, params
+    """(model, graphdef, parameters), parameters drawn on the host (``random_params``)."""
+    return common.model_and_params(abstract_model(name, dtype, **overrides), seed)
 
 
 def module_and_params(make, seed=0, scale=0.05):
@@ -60,32 +43,15 @@ def zeroed(state, *parts):
         else v, state)
 
 
-def batch(config, n=2, dtype=jnp.float32, seed=0):
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(k1, (n, config.img_size, config.img_size, 3), dtype)
-    return x, jax.random.randint(k2, (n,), 0, config.num_classes)
-
-
-def _loss(graphdef, params, x, y, mode, key):
-    rngs = None if key is None else nnx.Rngs(dropout=key)
-    return cross_entropy_loss(nnx.merge(graphdef, params)(x, mode=mode, rngs=rngs), y)
-
-
 @functools.cache
 def all_modes_grad_fn(graphdef):
     """(loss, gradients (parameters, images)) in every mode, compiled as one function."""
 
     def grads(params, x, y, key):
-        return {m: jax.value_and_grad(functools.partial(_loss, graphdef), argnums=(0, 1))(
+        return {m: jax.value_and_grad(functools.partial(loss, graphdef), argnums=(0, 1))(
             params, x, y, m, key) for m in revjax.MODES}
 
     return jax.jit(grads)
-
-
-@functools.cache
-def grad_fn(graphdef):
-    return jax.jit(jax.grad(functools.partial(_loss, graphdef), argnums=(0, 1)),
-                   static_argnums=3)
 
 
 @functools.cache

@@ -12,33 +12,20 @@ from flax import nnx
 import revjax
 from revjax import layers, stages
 from revjax.models import swin
-from revjax.train import cross_entropy_loss
 
 from ..helpers import rel_err, tree_rel_err
+from . import common
+from .common import batch, grad_fn, loss
 
 
 def abstract_model(name="rev-swin-test", dtype=jnp.float32, **overrides):
-    """The model's structure only (``nnx.eval_shape``: nothing allocated or initialised)."""
-    return nnx.eval_shape(lambda: revjax.models.build(name, rngs=nnx.Rngs(0),
-                                                      param_dtype=dtype, **overrides))
+    return common.abstract_model(name, dtype, **overrides)
 
 
 def model_and_params(name="rev-swin-test", dtype=jnp.float32, seed=0, **overrides):
-    """(model, graphdef, parameters) with parameters drawn on the host: LayerNorm scales
-    1 + 0.1 N(0, 1), every other leaf (biases too) 0.05 N(0, 1). Building a model eagerly
-    compiles every initialiser op for every shape (~10 s for two stages on a 2-core CPU);
-    gradients and memory do not depend on the initialisation, checked once in
-    ``test_initialisation``."""
-    graphdef, state = nnx.split(abstract_model(name, dtype, **overrides))
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        is_scale = "['scale']" in jax.tree_util.keystr(path)
-        noise = rng.normal(size=leaf.shape)
-        return jnp.asarray(1 + 0.1 * noise if is_scale else 0.05 * noise, leaf.dtype)
-
-    params = jax.tree_util.tree_map_with_path(draw, state)
-    return nnx.merge(graphdef, params), graphdef, params
+    """(model, graphdef, parameters), parameters drawn on the host (``random_params``;
+    the initialisation is checked once, in ``test_initialisation``)."""
+    return common.model_and_params(abstract_model(name, dtype, **overrides), seed)
 
 
 @functools.cache
@@ -47,32 +34,15 @@ def concrete_model():
     return revjax.models.build("rev-swin-test", rngs=nnx.Rngs(0))
 
 
-def batch(config, n=2, dtype=jnp.float32, seed=0):
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(k1, (n, config.img_size, config.img_size, 3), dtype)
-    return x, jax.random.randint(k2, (n,), 0, config.num_classes)
-
-
-def _loss(graphdef, params, x, y, mode, key):
-    rngs = None if key is None else nnx.Rngs(dropout=key)
-    return cross_entropy_loss(nnx.merge(graphdef, params)(x, mode=mode, rngs=rngs), y)
-
-
 @functools.cache
 def all_modes_grad_fn(graphdef):
     """Gradients (parameters, images) in every mode, compiled as one function."""
 
     def grads(params, x, y, key):
-        return {m: jax.grad(functools.partial(_loss, graphdef), argnums=(0, 1))(
+        return {m: jax.grad(functools.partial(loss, graphdef), argnums=(0, 1))(
             params, x, y, m, key) for m in revjax.MODES}
 
     return jax.jit(grads)
-
-
-@functools.cache
-def grad_fn(graphdef):
-    return jax.jit(jax.grad(functools.partial(_loss, graphdef), argnums=(0, 1)),
-                   static_argnums=3)
 
 
 # --- gradients ------------------------------------------------------------------------------

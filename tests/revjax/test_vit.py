@@ -14,14 +14,9 @@ from revjax.models import vit
 from revjax.train import cross_entropy_loss, train_step
 
 from ..helpers import tree_rel_err
+from .common import batch
 
 TOL = {jnp.float64: 1e-9, jnp.float32: 1e-4}
-
-
-def batch(config, n=2, dtype=jnp.float32, seed=0):
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(k1, (n, config.img_size, config.img_size, 3), dtype)
-    return x, jax.random.randint(k2, (n,), 0, config.num_classes)
 
 
 @functools.cache
