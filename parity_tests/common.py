@@ -10,6 +10,7 @@ RoBERTa (some positions padded; ids are not differentiable). Both take the same 
 product. Results are
 cached per case and framework: a 3 x 3 table of mode pairs costs 3 + 3 gradient runs, and
 jax compiles one program per graphdef (forward and every mode's gradients; modes static).
+The tests check a whole case in one test (``check_case``), so that one process compiles it.
 
 Differences are ``max|jax - torch| / max|torch|`` (CONVENTIONS), per output and per
 parameter leaf (in the revjax layout), the largest reported.
@@ -320,6 +321,23 @@ def check_gradients(case) -> None:
     else:
         assert d["input"] <= tol["grad"], f"{case_id(case)}: input gradients differ: {d}"
     assert d["params"] <= tol["grad"], f"{case_id(case)}: parameter gradients differ: {d}"
+
+
+def check_case(case) -> None:
+    """Assert a (model, dtype, depth) case agrees in full: the forward logits, then every
+    (jax mode, torch mode) pair's gradients; every failure is reported, not just the first.
+    One test per case, not one per pair: the case's jax program (the costly part, up to a
+    minute of XLA:CPU compile for MViT) is cached per process, and pairs of one case spread
+    over xdist workers would compile it once on each."""
+    name, dtype, depth = case
+    failures = []
+    for check, sub in [(check_forward, case)] + [
+            (check_gradients, (*case, jm, tm)) for jm in modes(name) for tm in modes(name)]:
+        try:
+            check(sub)
+        except AssertionError as e:
+            failures.append(str(e))
+    assert not failures, "\n".join(failures)
 
 
 # ---------------------------------------------------------------------------------------------

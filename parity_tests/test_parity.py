@@ -3,7 +3,6 @@ each (jax mode, torch mode) pair, on the same weights and images (see ``common``
 
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 import revjax
@@ -13,13 +12,8 @@ from . import common
 
 
 @pytest.mark.parametrize("case", common.cases(), ids=common.case_id)
-def test_forward_outputs_match(case):
-    common.check_forward(case)
-
-
-@pytest.mark.parametrize("case", common.mode_cases(), ids=common.case_id)
-def test_gradients_match(case):
-    common.check_gradients(case)
+def test_forward_and_every_mode_pair_match(case):
+    common.check_case(case)
 
 
 def test_every_parameter_and_the_input_are_compared():

@@ -13,13 +13,8 @@ MODELS, DEPTHS = common.ROBERTA_MODELS, common.ROBERTA_DEPTHS
 
 
 @pytest.mark.parametrize("case", common.cases(MODELS, DEPTHS), ids=common.case_id)
-def test_forward_outputs_match(case):
-    common.check_forward(case)
-
-
-@pytest.mark.parametrize("case", common.mode_cases(MODELS, DEPTHS), ids=common.case_id)
-def test_gradients_match(case):
-    common.check_gradients(case)
+def test_forward_and_every_mode_pair_match(case):
+    common.check_case(case)
 
 
 def test_the_inputs_are_padded():

@@ -14,13 +14,8 @@ MODELS, DEPTHS = common.SWIN_MODELS, common.SWIN_DEPTHS
 
 
 @pytest.mark.parametrize("case", common.cases(MODELS, DEPTHS), ids=common.case_id)
-def test_forward_outputs_match(case):
-    common.check_forward(case)
-
-
-@pytest.mark.parametrize("case", common.mode_cases(MODELS, DEPTHS), ids=common.case_id)
-def test_gradients_match(case):
-    common.check_gradients(case)
+def test_forward_and_every_mode_pair_match(case):
+    common.check_case(case)
 
 
 def test_the_case_has_shifted_windows_and_a_merging():
