@@ -27,6 +27,19 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, warmup: int = 2
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def cores_busy(fn: Callable[[], object], calls: int) -> float:
+    """Process CPU seconds per wall second over ``calls`` calls of ``fn`` (which must block
+    until its result is ready): about 1 when one core works and the others idle, about the
+    core count when every core is kept busy."""
+    import resource
+
+    before, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for _ in range(calls):
+        fn()
+    wall, after = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
+    return (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / wall
+
+
 def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     """A GitHub-markdown table."""
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]

@@ -1,7 +1,8 @@
 """Profiling harness: where does each backward mode spend its time?
 
 For one model config, per mode: gradient-step time (median of interleaved runs after
-warm-up), compiled temp memory, and what the compiled program does: op counts by kind for
+warm-up), cores busy (CPU seconds per wall second: below the core count, cores sit idle,
+which is the room PaReprop's overlap would need), compiled temp memory, and what the compiled program does: op counts by kind for
 the whole module and for the backward loop body (fusions, dots/convolutions, copies,
 dynamic slices), the loop's carried buffer count and bytes.
 
@@ -22,7 +23,7 @@ import jax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import atomic_write_json, environment, interleaved_medians, table  # noqa: E402
+from common import atomic_write_json, cores_busy, environment, interleaved_medians, table  # noqa: E402
 
 import revjax  # noqa: E402
 from revjax.train import cross_entropy_loss  # noqa: E402
@@ -109,9 +110,9 @@ def profile(name: str, img: int, batch: int, depth: int | None, reps: int,
 
     fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
     compiled = {m: fn.lower(params, m).compile() for m in revjax.MODES}
-    times = interleaved_medians(
-        {m: (lambda k=k: jax.block_until_ready(k(params))) for m, k in compiled.items()},
-        warmup=2, reps=reps)
+    steps = {m: (lambda k=k: jax.block_until_ready(k(params))) for m, k in compiled.items()}
+    times = interleaved_medians(steps, warmup=2, reps=reps)
+    busy = {m: cores_busy(step, max(3, int(1.0 / times[m]))) for m, step in steps.items()}
     rows = []
     for m, k in compiled.items():
         hlo = k.as_text()
@@ -123,6 +124,7 @@ def profile(name: str, img: int, batch: int, depth: int | None, reps: int,
         rows.append({"mode": m, "step ms": round(1e3 * times[m], 1),
                      "vs reprop": round(times["reprop"] / times[m], 3),
                      "vs backprop": round(times["backprop"] / times[m], 3),
+                     "cores busy": round(busy[m], 2),
                      "temp MiB": round(k.memory_analysis().temp_size_in_bytes / 2**20, 1),
                      "ops": sum(ops.values()), "copies": ops["copy"],
                      **{k2: (round(v, 1) if isinstance(v, float) else v)
