@@ -90,9 +90,12 @@ def loop_stats(hlo: str) -> dict:
         if best is None or size > best[0]:
             best = (size, carry, body, top, seen)
     _, carry, body, top, seen = best
+    deep = sum((op_counts(comps[c]) for c in seen), collections.Counter())
+    # ops and kernels launched by the body itself; matmuls and slices wherever they sit
+    # (XLA:CPU wraps matmuls in library fusions, e.g. ``__ynn_fusion``)
     return {"loop body ops": sum(top.values()), "loop fusions": top["fusion"],
-            "loop copies": top["copy"], "loop dots": top["dot"] + top["convolution"],
-            "loop dynamic-slices": top["dynamic-slice"] + top["dynamic-update-slice"],
+            "loop copies": top["copy"], "loop dots": deep["dot"] + deep["convolution"],
+            "loop dynamic-slices": deep["dynamic-slice"] + deep["dynamic-update-slice"],
             "carried buffers": carry.count("["), "carried MiB": shape_bytes(carry) / 2**20}
 
 
