@@ -156,10 +156,11 @@ GRADS_STREAM, REBUILD_STREAM = 1, 2
 
 # XLA:CPU compiler options for programs that use pareprop (``jax.jit(fn, compiler_options=
 # CPU_COMPILER_OPTIONS)``, or the same as ``XLA_FLAGS``). pareprop carries one layer's VJP
-# residuals from the step that rebuilds the layer to the step that differentiates it; XLA's
-# default copy insertion copies every carried residual at every step (the new ones are
-# written while the old are still read), region analysis proves the copies unneeded and
-# drops them (63 -> 0 per step for Rev-ViT-S). experiments/pareprop_cpu.py measures it.
+# residuals and parameter slices from the step that rebuilds the layer to the step that
+# differentiates it; XLA's default copy insertion copies every carried value at every step
+# (the new ones are written while the old are still read), region analysis proves the
+# copies unneeded and drops them (71 -> 0 per step for Rev-ViT-S).
+# experiments/pareprop_cpu.py measures it.
 CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
@@ -214,22 +215,24 @@ def _backward(f, g, mode, saved, dy):
                                      reverse=True)
     else:  # pareprop
         # Prologue: rebuild the top layer, keeping its residuals.
-        pf, pg, pl = layer(depth - 1)
+        pf, pg, pl = p_top = layer(depth - 1)
         x_top, res_top, spec = _rebuild(f, g, pf, pg, y1, y2, shared, pl)
 
-        def halves(i, x_i, res_i, dy_i):
-            """(a) grads of layer i from its kept residuals; (b) rebuild of layer i-1."""
-            pf_i, pg_i, pl_i = layer(i)
-            pf_p, pg_p, pl_p = layer(i - 1)
+        def halves(i, x_i, p_i, res_i, dy_i):
+            """(a) grads of layer i from its kept residuals and parameter slices; (b) rebuild
+            of layer i-1, whose parameter slices the next step's grads reuse (slicing the
+            stacked parameters again would copy a layer's weights twice per step)."""
+            pf_i, pg_i, pl_i = p_i
 
             def grads_half(res_i, dy_i):
                 return _grads(spec, res_i, pf_i, pg_i, shared, pl_i, *dy_i)
 
             def rebuild_half(x_i):
+                pf_p, pg_p, pl_p = p_p = layer(i - 1)
                 x_p, res_p, spec_p = _rebuild(f, g, pf_p, pg_p, *x_i, shared, pl_p)
                 if [s[1] for s in spec_p] != [s[1] for s in spec]:
                     raise AssertionError("a layer's residual layout changed between steps")
-                return x_p, res_p
+                return x_p, p_p, res_p
 
             def on_gpu():
                 return (_on_stream(grads_half, GRADS_STREAM)(res_i, dy_i),
@@ -241,16 +244,15 @@ def _backward(f, g, mode, saved, dy):
             return lax.platform_dependent(cuda=on_gpu, default=elsewhere)
 
         def step(carry, i):
-            x_i, res_i, dy_i, grads = carry
-            (dx_i, dp_i), (x_p, res_p) = halves(i, x_i, res_i, dy_i)
-            return (x_p, res_p, dx_i, put(grads, i, dp_i)), None
+            x_i, p_i, res_i, dy_i, grads = carry
+            (dx_i, dp_i), (x_p, p_p, res_p) = halves(i, x_i, p_i, res_i, dy_i)
+            return (x_p, p_p, res_p, dx_i, put(grads, i, dp_i)), None
 
-        carry = (x_top, res_top, dy, grads0)
+        carry = (x_top, p_top, res_top, dy, grads0)
         if depth > 1:  # steps i = depth-1 .. 1
             carry, _ = lax.scan(step, carry, jnp.arange(1, depth), reverse=True)
-        # Epilogue: grads of layer 0 (its residuals came from the last rebuild).
-        _, res_0, dy_0, grads = carry
-        pf, pg, pl = layer(0)
+        # Epilogue: grads of layer 0 (its residuals and slices came from the last rebuild).
+        _, (pf, pg, pl), res_0, dy_0, grads = carry
         dx, dp = _grads(spec, res_0, pf, pg, shared, pl, *dy_0)
         grads = put(grads, 0, dp)
 

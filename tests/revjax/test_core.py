@@ -129,6 +129,24 @@ def test_cpu_compiler_options_drop_the_carried_residual_copies():
         np.testing.assert_array_equal(a, b)
 
 
+def test_pareprop_slices_each_layers_weights_once_like_reprop():
+    """PaReprop's step rebuilds layer i-1 and differentiates layer i: the slices of layer
+    i-1's weights made for the rebuild are carried to the next step's grads, not sliced out
+    of the stacked parameters again (a copy of a layer's weights per step). Whole program:
+    one slice per weight in the forward scan and one in the backward loop, as for reprop."""
+    pf, pg, x, mask, pl = make(4, dim=8, hidden=12, dtype=jnp.float32)
+
+    def weight_slices(mode):
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=6).lower(
+            pf, pg, x, x, mask, pl, mode).compile().as_text()
+        shapes = re.findall(r"= (f32\[[\d,]*\])\S* dynamic-slice\(", hlo)
+        return {s: shapes.count(s) for s in ("f32[1,8,12]", "f32[1,12,8]")}
+
+    reprop, pareprop = weight_slices("reprop"), weight_slices("pareprop")
+    assert min(reprop.values()) >= 2, reprop
+    assert pareprop == reprop, (pareprop, reprop)
+
+
 # ----------------------------------------------------------------------- GPU streams
 
 def _region(text, start):
