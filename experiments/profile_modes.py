@@ -2,9 +2,10 @@
 
 For one model config, per mode: gradient-step time (median of interleaved runs after
 warm-up), cores busy (CPU seconds per wall second: below the core count, cores sit idle,
-which is the room PaReprop's overlap would need), compiled temp memory, and what the compiled program does: op counts by kind for
-the whole module and for the backward loop body (fusions, dots/convolutions, copies,
-dynamic slices), the loop's carried buffer count and bytes.
+which is the room PaReprop's overlap would need), compiled temp memory, and what the
+compiled program does: op counts by kind for the whole module and for the backward loop
+body (fusions, dots/convolutions, copies, dynamic slices), the loop's carried buffer count
+and bytes.
 
     python experiments/profile_modes.py --model rev-vit-s --img 96 --batch 1
     python experiments/profile_modes.py --model rev-vit-s --img 224 --batch 8 --reps 5
@@ -23,7 +24,8 @@ import jax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import atomic_write_json, cores_busy, environment, interleaved_medians, table  # noqa: E402
+from common import (atomic_write_json, cores_busy, environment,  # noqa: E402
+                    interleaved_medians, table)
 
 import revjax  # noqa: E402
 from revjax.train import cross_entropy_loss  # noqa: E402

@@ -9,8 +9,8 @@ other, about 2x. With two host devices (``--xla_force_host_platform_device_count
 also runs the two chains as one SPMD program, one chain per device, handing a row across
 with ``ppermute`` at every step as PaReprop's halves hand over activations and gradients:
 the devices do run concurrently, so this shows what overlap across devices could give.
-"Cores busy" (process CPU time / wall time over the timed calls) says the
-same thing directly: near 1 for two chains means the second core sat idle.
+"Cores busy" (process CPU time / wall time over the timed calls) says the same thing
+directly: near 1 for two chains means the second core sat idle.
 
 Each XLA flag set runs in its own process (XLA reads flags once per process):
 
@@ -31,7 +31,8 @@ from common import atomic_write_json, environment, table  # noqa: E402
 
 FLAG_SETS = {
     "default": "",
-    "scheduler=concurrency": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
+    "scheduler=concurrency":
+        "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED",
     "scheduler=memory": "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED",
     "single-thread ops": "--xla_cpu_multi_thread_eigen=false",
     "single-thread ops, scheduler=concurrency":
@@ -49,13 +50,12 @@ def measure(sizes: list[int], steps: int, reps: int) -> list[dict]:
     import jax.numpy as jnp
     from common import cores_busy, interleaved_medians
 
-    def chains(n_chains):
+    @jax.jit
+    def chains(xs, ws):
+        """Independent chains, one per array in ``xs``, stepped together in one scan."""
         def body(xs, w):
             return tuple(jnp.tanh(x @ w) for x in xs), None
-
-        def run(xs, ws):
-            return jax.lax.scan(body, xs, ws)[0]
-        return jax.jit(run)
+        return jax.lax.scan(body, xs, ws)[0]
 
     def two_devices(xs, ws):
         """Chain k on device k (SPMD over a 2-device mesh); each step hands one row across."""
@@ -83,9 +83,8 @@ def measure(sizes: list[int], steps: int, reps: int) -> list[dict]:
         ws = jax.random.normal(key, (steps, n, n)) / n ** 0.5
         fns = {}
         for k in (1, 2):
-            fn = chains(k)
             xs = tuple(jax.random.normal(jax.random.fold_in(key, i), (n, n)) for i in range(k))
-            compiled = fn.lower(xs, ws).compile()
+            compiled = chains.lower(xs, ws).compile()
             fns[k] = (lambda c=compiled, xs=xs: jax.block_until_ready(c(xs, ws)))
         if len(jax.devices()) >= 2:
             fns["devices"] = two_devices(jnp.stack(xs), ws)

@@ -74,10 +74,14 @@ def cases(models=MODELS, depths=DEPTHS) -> list[tuple[str, str, int]]:
     return [(n, d, k) for n in models for d in DTYPES for k in depths]
 
 
+def mode_pairs(name: str) -> list[tuple[str, str]]:
+    """Every (jax mode, torch mode) a model is compared in."""
+    return [(jm, tm) for jm in modes(name) for tm in modes(name)]
+
+
 def mode_cases(models=MODELS, depths=DEPTHS) -> list[tuple[str, str, int, str, str]]:
     """Every (model, dtype, depth, jax mode, torch mode)."""
-    return [(n, d, k, jm, tm) for n, d, k in cases(models, depths)
-            for jm in modes(n) for tm in modes(n)]
+    return [(n, d, k, *pair) for n, d, k in cases(models, depths) for pair in mode_pairs(n)]
 
 
 @contextlib.contextmanager
@@ -329,10 +333,10 @@ def check_case(case) -> None:
     One test per case, not one per pair: the case's jax program (the costly part, up to a
     minute of XLA:CPU compile for MViT) is cached per process, and pairs of one case spread
     over xdist workers would compile it once on each."""
-    name, dtype, depth = case
+    name = case[0]
     failures = []
     for check, sub in [(check_forward, case)] + [
-            (check_gradients, (*case, jm, tm)) for jm in modes(name) for tm in modes(name)]:
+            (check_gradients, (*case, *pair)) for pair in mode_pairs(name)]:
         try:
             check(sub)
         except AssertionError as e:

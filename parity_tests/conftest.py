@@ -4,4 +4,3 @@ the GPU's memory (set before jax starts its backend; an explicit setting wins)."
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-

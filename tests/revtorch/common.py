@@ -93,7 +93,6 @@ def max_grad_err(got, want):
     return max(rel_err(got[k], want[k]) for k in want)
 
 
-
 def saved_bytes(loss_fn, exclude=()) -> int:
     """Bytes of the tensors autograd saves for backward while ``loss_fn()`` builds the loss,
     leaving out tensors that share storage with ``exclude`` (constants and inputs that are
