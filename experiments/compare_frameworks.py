@@ -118,8 +118,9 @@ def main(argv=None) -> None:
              "revjax temp MiB": f"{j_mem[m] / 2**20:.1f}",
              "revtorch saved-activation MiB": f"{t_mem[m] / 2**20:.2f}"}
             for m in revjax.MODES]
-    print(f"{args.model}, {args.img} {'tokens' if is_text(args.model) else 'px'}, batch {args.batch}, torch threads "
-          f"{torch.get_num_threads()}")
+    unit = "tokens" if is_text(args.model) else "px"
+    print(f"{args.model}, {args.img} {unit}, batch {args.batch}, "
+          f"torch threads {torch.get_num_threads()}")
     print(table(rows, list(rows[0])))
     atomic_write_json(args.out, {"args": vars(args), "rows": rows,
                                  "environment": environment()})

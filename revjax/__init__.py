@@ -11,5 +11,5 @@ from .stack import ResidualStack, RevStack
 
 __version__ = "0.1.0"
 
-__all__ = ["CPU_COMPILER_OPTIONS", "MODES", "ResidualStack", "RevStack", "invert", "models", "reversible",
-           "__version__"]
+__all__ = ["CPU_COMPILER_OPTIONS", "MODES", "ResidualStack", "RevStack", "invert", "models",
+           "reversible", "__version__"]

@@ -211,11 +211,10 @@ def _pareprop(fs, gs, y1, y2, dy1, dy2, shared, per_layer, s) -> tuple[Tensor, T
         s.keep(t, top % 2)
     with s.on(top % 2, ("rebuild", top)):
         layer = _Rebuilt(fs[top], gs[top], y1, y2, shared, _slice(per_layer, top))
-    rebuilt = s.record(top % 2)
+    rebuilt, grads_done = s.record(top % 2), start
     for i in range(top, -1, -1):
         k = i % 2
-        if i < top:
-            s.wait(k, grads_done)  # dy1, dy2 from layer i+1's grads, on the other stream
+        s.wait(k, grads_done)  # dy1, dy2 from layer i+1's grads (at the top: from the caller)
         with s.on(k, ("grads", i)):  # after layer i's rebuild: same stream, enqueued earlier
             dy1, dy2 = layer.grads(dy1, dy2)
         grads_done = s.record(k)

@@ -165,8 +165,8 @@ class PatchEmbed(nn.Module):
 
     By default the patches do not overlap (kernel = stride, no padding); MViT's overlapping
     embedding passes ``kernel_size=7, padding=3``. Either way the map is img_size / patch_size
-    on a side. Input NCHW ``(batch, in_chans, img_size, img_size)``; tokens in row-major (h, w) order,
-    as the NHWC reshape of the JAX twin. Outside autocast the images are cast to the
+    on a side. Input NCHW ``(batch, in_chans, img_size, img_size)``; tokens in row-major (h, w)
+    order, as the NHWC reshape of the JAX twin. Outside autocast the images are cast to the
     parameters' dtype.
     """
 
