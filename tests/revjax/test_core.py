@@ -116,7 +116,8 @@ def test_backprop_memory_grows_with_depth():
 
 def test_cpu_compiler_options_drop_the_carried_residual_copies():
     """``CPU_COMPILER_OPTIONS`` (region-analysis copy insertion) removes the copies XLA:CPU
-    makes of pareprop's carried residuals at every step, and computes the same gradients."""
+    makes of pareprop's carried residuals at every step, and computes the same gradients (to
+    the float32 tolerance: the two programs may fuse, and so round, differently)."""
     pf, pg, x, mask, pl = make(4, dtype=jnp.float32)
     fn = jax.grad(loss, argnums=(0, 1, 2))
     args = (pf, pg, x, x, mask, pl, "pareprop")
@@ -125,8 +126,7 @@ def test_cpu_compiler_options_drop_the_carried_residual_copies():
                     compiler_options=revjax.CPU_COMPILER_OPTIONS).lower(*args).compile()
     copies = lambda c: len(re.findall(r" copy\(", c.as_text()))  # noqa: E731
     assert copies(tuned) <= 0.6 * copies(plain), (copies(tuned), copies(plain))
-    for a, b in zip(jax.tree.leaves(tuned(*args[:6])), jax.tree.leaves(plain(*args[:6]))):
-        np.testing.assert_array_equal(a, b)
+    assert tree_rel_err(tuned(*args[:6]), plain(*args[:6])) <= TOL[jnp.float32]
 
 
 def test_pareprop_slices_each_layers_weights_once_like_reprop():
