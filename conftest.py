@@ -28,8 +28,11 @@ def _accepted(xla_flags: str) -> bool:
     know, and flags come and go between versions."""
     probe = "import jax; jax.numpy.zeros(1).block_until_ready()"
     env = dict(os.environ, XLA_FLAGS=xla_flags, JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-c", probe], env=env,
-                          capture_output=True).returncode == 0
+    try:
+        return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                              timeout=300).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
 
 
 if not os.environ.get("REVJAX_TEST_FULL_OPT") and _CHECKED not in os.environ:
