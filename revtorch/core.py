@@ -201,7 +201,9 @@ def _pareprop(fs, gs, y1, y2, dy1, dy2, shared, per_layer, s) -> tuple[Tensor, T
     Layer i is rebuilt on stream i % 2 and its grads run there too: autograd runs each backward
     op on its forward op's stream, so "grads on one stream, rebuilds on the other" is not
     expressible. The two streams alternate roles; events order the two cross-stream hand-offs
-    (rebuilt inputs X1, X2 going down; gradients dX1, dX2 going down).
+    (rebuilt inputs X1, X2 going down; gradients dX1, dX2 going down). Every tensor handed to
+    another stream is ``keep``-ed for it (the caching allocator's ``record_stream`` rule), and
+    nothing here reads a device value on the host (tests/revtorch/test_core.py audits both).
     """
     top = len(fs) - 1
     start = s.record(CALLER)  # y1, y2, dy1, dy2 were made on the caller's stream
@@ -228,6 +230,11 @@ def _pareprop(fs, gs, y1, y2, dy1, dy2, shared, per_layer, s) -> tuple[Tensor, T
             with s.on(1 - k, ("rebuild", i - 1)):
                 layer = _Rebuilt(fs[i - 1], gs[i - 1], x1, x2, shared, _slice(per_layer, i - 1))
             rebuilt = s.record(1 - k)
+    # A parameter's first gradient becomes its .grad where it was made, on a work stream; the
+    # caller's stream (the optimizer) reads it next, so the allocator must know (as for dy).
+    for p in {id(p): p for m in (*fs, *gs) for p in m.parameters()}.values():
+        if p.grad is not None:
+            s.keep(p.grad, CALLER)
     s.wait(CALLER, grads_done)  # the result is handed back on the caller's stream
     return dy1, dy2
 

@@ -175,7 +175,8 @@ def test_pareprop_schedule(depth, monkeypatch):
         assert before(0, n) and before(n, len(log) - 1)
     assert [op for op, k, _ in log].count("wait") <= 2 * depth + 2  # no host-side syncs exist
     kept = [k for op, k, _ in log if op == "keep"]
-    assert kept.count(core.CALLER) == 2  # dx1, dx2 handed to the caller's stream
+    params = len(list(stack.parameters()))  # dx1, dx2 and every .grad handed to the caller
+    assert kept.count(core.CALLER) == 2 + params
 
 
 def test_reprop_and_backprop_use_no_streams(monkeypatch):
@@ -378,3 +379,147 @@ def test_batchnorm_and_dropout_without_state_updates_are_fine(mode):
     batch_stats = revtorch.RevStack(lambda: NormDrop(track=False), G, depth=2).double()
     batch_stats.f.apply(lambda m: m.eval() if isinstance(m, nn.Dropout) else None)
     loss_fn(*batch_stats(x1, x2, mode=mode)).backward()  # batch statistics, no running state
+
+
+# --- the CUDA audit on CPU: host synchronisations and the caching allocator's stream rule ---
+
+
+class AuditStreams(RecordingStreams):
+    """RecordingStreams that also know the stream the host is enqueuing on (``current``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = core.CALLER
+
+    @contextlib.contextmanager
+    def on(self, k, label):
+        self.log.append(("work", k, label))
+        self.current, before = k, self.current
+        try:
+            yield
+        finally:
+            self.current = before
+
+
+def _ptr(t):
+    """The address of the storage under ``t`` (views and slices share it)."""
+    return t.untyped_storage().data_ptr()
+
+
+_SCALAR_OPS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "item")
+
+
+class _Ledger(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every aten op run during the backward (autograd's own included): which stream allocated
+    each storage (by address) and which streams read it; ops that read a value on the
+    host. Every output is held, so no address is reused while it records."""
+
+    def __init__(self, streams):
+        super().__init__()
+        self.streams, self.made, self.read, self.syncs, self.alive = streams, {}, set(), [], []
+        self.readers = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        k = self.streams.current
+        if func.__name__.split(".")[0] in _SCALAR_OPS:
+            self.syncs.append(func.__name__)
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        ins = [t for t in leaves if isinstance(t, torch.Tensor) and t.numel()]
+        out = func(*args, **kwargs)
+        for t in ins if not func.is_view else ():  # a view reads nothing on the device
+            self.read.add((_ptr(t), k))
+            self.readers.setdefault((_ptr(t), k), func.__name__)
+        old = {_ptr(t) for t in ins}  # views and in-place results allocate nothing
+        for t in torch.utils._pytree.tree_leaves(out) if not func.is_view else ():
+            if isinstance(t, torch.Tensor) and t.numel() and _ptr(t) not in old:
+                self.made[_ptr(t)] = k
+                self.alive.append(t)
+        return out
+
+
+_HOST_READS = [(torch.Tensor, n) for n in
+               ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")]
+_HOST_READS += [(torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"),
+                (torch.cuda.Event, "query"), (torch.cuda.Stream, "synchronize"),
+                (torch.cuda.Stream, "query")]
+
+
+def audit_pareprop(depth, monkeypatch):
+    """Run a pareprop backward with AuditStreams and the ledger; (streams, ledger, host calls,
+    stack, inputs). Host calls are the Python-level reads listed in ``_HOST_READS`` made while
+    ``_pareprop`` runs."""
+    made, host, inside = [], [], [False]
+
+    def streams_for(device):
+        made.append(AuditStreams())
+        return made[-1]
+
+    for owner, name in _HOST_READS:
+        original = getattr(owner, name)
+
+        def spy(*args, _original=original, _name=f"{owner.__name__}.{name}", **kwargs):
+            if inside[0]:
+                host.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, spy)
+    pareprop = core._pareprop
+
+    def watched(*args):
+        with _Ledger(args[-1]) as ledger:
+            inside[0] = True
+            try:
+                out = pareprop(*args)
+            finally:
+                inside[0] = False
+        made.append(ledger)
+        return out
+
+    monkeypatch.setattr(core, "_streams_for", streams_for)
+    monkeypatch.setattr(core, "_pareprop", watched)
+    stack, inputs = make(depth)
+    grads(stack, inputs, "pareprop")
+    streams, ledger = made
+    return streams, ledger, host, stack, inputs
+
+
+@pytest.mark.parametrize("depth", (1, 3))
+def test_pareprop_backward_makes_no_host_sync(depth, monkeypatch):
+    """No op in the pareprop backward reads a device value on the host: no ``.item()``,
+    ``bool``/``int``/``float`` of a tensor, ``.tolist()``, ``.cpu()``, ``nonzero``, no stream,
+    event or device synchronisation; the only waits are device-side event waits."""
+    streams, ledger, host, _, _ = audit_pareprop(depth, monkeypatch)
+    assert host == [] and ledger.syncs == []
+    assert ledger.read  # the ledger did see the backward's ops
+    assert {op for op, _, _ in streams.log} <= {"work", "record", "wait", "keep"}
+
+
+@pytest.mark.parametrize("depth", (1, 2, 3, 5))
+def test_pareprop_keeps_every_tensor_it_hands_across_streams(depth, monkeypatch):
+    """The caching allocator's rule, derived from the recorded schedule: a storage made on one
+    stream during the backward and read on another (or handed to the caller's stream as a
+    result: dX1, dX2 and parameter ``.grad``) is ``keep``-ed (``record_stream``) for that
+    stream, since the allocator would otherwise reuse it when the host drops it while the
+    other stream still reads it. Storages made before the backward on the caller's stream and
+    read on a work stream are kept too, unless they outlive the backward's final event wait
+    (parameters and the inputs the caller holds: X1, X2, the shared and per-layer inputs)."""
+    streams, ledger, _, stack, (x1, x2, mask, pos, per_layer) = audit_pareprop(depth, monkeypatch)
+    kept = {(_ptr(t), k) for op, k, t in streams.log if op == "keep"}
+    held = [*stack.parameters(), x1, x2, mask, pos, *per_layer.values()]
+    outlive = {_ptr(t) for t in held}
+    work = {0, 1}
+    crossings = 0
+    for ptr, k in ledger.read:
+        maker = ledger.made.get(ptr, "before")
+        if maker == k or k not in work and maker == core.CALLER:
+            continue
+        if maker == "before" and ptr in outlive:
+            continue
+        crossings += 1
+        assert (ptr, k) in kept, (ledger.readers[ptr, k], maker, k)
+    results = [x1.grad, x2.grad] + [p.grad for p in stack.parameters()]
+    for t in results:
+        if ledger.made.get(_ptr(t), core.CALLER) in work:
+            assert (_ptr(t), core.CALLER) in kept
+    assert crossings >= (2 if depth == 1 else 4)  # y1, y2, dY1, dY2 at least; x1, x2 per layer
