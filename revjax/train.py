@@ -1,13 +1,39 @@
-"""A classification training step for any ``revjax.models`` model (Flax NNX + optax)."""
+"""Training pieces for ``revjax.models``: optimizer, compiled train/eval steps, sharding.
+
+- ``make_optimizer``: AdamW with linear warm-up + cosine decay and global-norm clipping
+  (optax), wrapped by ``create_optimizer`` in an ``nnx.Optimizer`` over the ``nnx.Param`` s.
+- ``make_train_step`` / ``make_eval_step``: pure functions of the split ``(model,
+  optimizer)`` state (``nnx.split``), compiled with ``jax.jit``, for ``task``
+  ``"classification"`` (images, labels) or ``"mlm"`` (inputs, labels, padding mask;
+  ``revjax.mlm``), each with a backward ``mode``. On CPU they compile with
+  ``revjax.CPU_COMPILER_OPTIONS`` (pareprop's carried residuals are not copied every layer).
+- Devices: ``data_parallel`` (batch over the mesh axis, state replicated) and ``fsdp`` (state
+  sharded too, each array along a dimension the axis size divides) give the shardings the
+  steps are compiled with; the custom VJP runs inside the one jitted program. Meshes must
+  use ``AxisType.Auto`` (checked, with a clear error).
+- ``train_step(model, optimizer, images, labels, *, mode=None, rngs=None)``: the one-call
+  classification step of the README's quick start (same compiled program, cached).
+
+Mixed precision: build the model with ``dtype=jnp.bfloat16`` (compute) and the default
+``param_dtype`` float32; the losses are computed in float32.
+"""
 
 from __future__ import annotations
 
-from functools import partial
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from .core import CPU_COMPILER_OPTIONS
+from .mlm import mlm_loss
+
+TASKS = ("classification", "mlm")
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -16,15 +42,244 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
         logits.astype(jnp.float32), labels).mean()
 
 
-@partial(nnx.jit, static_argnames="mode")
+# ----------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(learning_rate: float, total_steps: int, *, warmup_steps: int | None = None,
+                   weight_decay: float = 0.05, clip_norm: float | None = 1.0,
+                   b1: float = 0.9, b2: float = 0.999,
+                   end_learning_rate: float = 0.0) -> optax.GradientTransformation:
+    """AdamW whose learning rate rises linearly from 0 over ``warmup_steps`` (default 10% of
+    ``total_steps``) to ``learning_rate`` and decays by a cosine to ``end_learning_rate`` at
+    ``total_steps``; gradients are clipped to global norm ``clip_norm`` first (None: no
+    clipping). Weight decay applies to matrices only (ndim >= 2), not biases/norm scales."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    warmup = max(1, total_steps // 10) if warmup_steps is None else warmup_steps
+    if not 0 <= warmup < total_steps:
+        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup}")
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, total_steps,
+                                                  end_learning_rate)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    adamw = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)
+    if clip_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+
+
+def create_optimizer(model: nnx.Module, tx: optax.GradientTransformation) -> nnx.Optimizer:
+    """An ``nnx.Optimizer`` over the model's ``nnx.Param`` s."""
+    return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def learning_rate(tx_schedule_step: int, learning_rate: float, total_steps: int,
+                  warmup_steps: int | None = None, end_learning_rate: float = 0.0) -> float:
+    """The learning rate ``make_optimizer`` uses at a step (for logging)."""
+    warmup = max(1, total_steps // 10) if warmup_steps is None else warmup_steps
+    return float(optax.warmup_cosine_decay_schedule(
+        0.0, learning_rate, warmup, total_steps, end_learning_rate)(tx_schedule_step))
+
+
+# ------------------------------------------------------------------------- losses
+
+
+def compute_loss(model: nnx.Module, batch: tuple, *, task: str, mode: str | None,
+                 rngs: nnx.Rngs | None = None) -> jax.Array:
+    """The task's loss on a batch: classification ``(images, labels)`` -> mean cross-entropy;
+    mlm ``(inputs, labels, mask)`` -> ``revjax.mlm.mlm_loss`` (mask: padding, may be None)."""
+    if task == "classification":
+        images, labels = batch
+        return cross_entropy_loss(model(images, mode=mode, rngs=rngs), labels)
+    if task == "mlm":
+        inputs, labels, mask = batch
+        return mlm_loss(model(inputs, mask, mode=mode, rngs=rngs), labels)
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+# ----------------------------------------------------------------------- sharding
+
+
+def check_mesh(mesh: Mesh | None, axis: str) -> None:
+    """Meshes must name ``axis`` and use ``AxisType.Auto`` axes (explicit axes make the
+    models' convolutions and scans fail sharding-type checks)."""
+    if mesh is None:
+        return
+    if axis not in mesh.axis_names:
+        raise ValueError(f"mesh axes {mesh.axis_names} have no {axis!r} axis; pass "
+                         f"axis=<one of {mesh.axis_names}>")
+    explicit = [n for n, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Auto]
+    if explicit:
+        raise ValueError(
+            f"mesh axes {explicit} are not AxisType.Auto: revjax's train steps shard with "
+            "XLA's automatic propagation; build the mesh with jax.make_mesh(shape, names, "
+            "axis_types=(jax.sharding.AxisType.Auto,) * len(names))")
+
+
+def make_mesh(num_devices: int | None = None, axis: str = "data") -> Mesh:
+    """A 1-D mesh over the first ``num_devices`` devices (default all), ``AxisType.Auto``."""
+    n = num_devices or jax.device_count()
+    return jax.make_mesh((n,), (axis,), axis_types=(AxisType.Auto,),
+                         devices=jax.devices()[:n])
+
+
+def _fsdp_spec(shape: tuple[int, ...], size: int, axis: str) -> P:
+    """Shard the largest dimension that ``size`` divides; replicate small/indivisible ones."""
+    dims = [i for i in np.argsort(shape)[::-1] if shape[i] % size == 0 and shape[i] >= size]
+    if not dims:
+        return P()
+    spec = [None] * len(shape)
+    spec[int(dims[0])] = axis
+    return P(*spec)
+
+
+def state_shardings(state: Any, mesh: Mesh, *, fsdp: bool, axis: str = "data") -> Any:
+    """NamedShardings for every array of ``state`` (a pytree, e.g. ``nnx.split`` 's state):
+    replicated (data parallel) or FSDP (each array sharded over ``axis`` along its largest
+    dimension that the axis size divides; scalars and indivisible arrays replicated)."""
+    check_mesh(mesh, axis)
+    size = mesh.shape[axis]
+
+    def one(x):
+        shape = tuple(getattr(x, "shape", ()))
+        return NamedSharding(mesh, _fsdp_spec(shape, size, axis) if fsdp else P())
+
+    return jax.tree.map(one, state)
+
+
+def batch_sharding(mesh: Mesh, axis: str = "data") -> NamedSharding:
+    """Batch (leading) dimension split over ``axis``."""
+    check_mesh(mesh, axis)
+    return NamedSharding(mesh, P(axis))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+class Shardings(NamedTuple):
+    """What a step is compiled with: the state's, the batch's and the replicated one."""
+    state: Any
+    batch: NamedSharding
+    replicated: NamedSharding
+
+
+def data_parallel(state: Any, mesh: Mesh, axis: str = "data") -> Shardings:
+    """Data parallel: batch split over ``axis``, parameters and optimizer state replicated."""
+    return Shardings(state_shardings(state, mesh, fsdp=False, axis=axis),
+                     batch_sharding(mesh, axis), replicated(mesh))
+
+
+def fsdp(state: Any, mesh: Mesh, axis: str = "data") -> Shardings:
+    """Fully sharded: batch, parameters and optimizer state all split over ``axis``."""
+    return Shardings(state_shardings(state, mesh, fsdp=True, axis=axis),
+                     batch_sharding(mesh, axis), replicated(mesh))
+
+
+# -------------------------------------------------------------------------- steps
+
+
+def _compiler_options() -> dict:
+    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
+
+
+def _jit(fn, shardings: Shardings | None, n_batch: int, out_state: bool, donate: bool):
+    kw: dict = dict(compiler_options=_compiler_options())
+    if shardings is not None:
+        batch = (shardings.batch,) * n_batch
+        kw["in_shardings"] = (shardings.state, batch, shardings.replicated)
+        kw["out_shardings"] = ((shardings.state, shardings.replicated) if out_state
+                               else shardings.replicated)
+    if donate:
+        kw["donate_argnums"] = (0,)
+    return jax.jit(fn, **kw)
+
+
+def make_train_step(graphdef: nnx.GraphDef, *, task: str = "classification",
+                    mode: str | None = None, shardings: Shardings | None = None,
+                    donate: bool = False):
+    """``step(state, batch, key) -> (state, {"loss", "grad_norm"})``, jitted, for the state
+    of ``nnx.split((model, optimizer))``. ``key`` (or None) seeds dropout; ``batch`` is
+    ``(images, labels)`` or ``(inputs, labels, mask)`` (``task``). With ``shardings``
+    (``data_parallel`` / ``fsdp``) the state and batch keep those shardings."""
+    _check_task(task)
+
+    def step(state, batch, key):
+        model, optimizer = nnx.merge(graphdef, state)
+        rngs = None if key is None else nnx.Rngs(dropout=key)
+        loss, grads = nnx.value_and_grad(
+            lambda m: compute_loss(m, batch, task=task, mode=mode, rngs=rngs))(model)
+        grad_norm = optax.global_norm(grads)
+        optimizer.update(model, grads)
+        return nnx.state((model, optimizer)), {"loss": loss, "grad_norm": grad_norm}
+
+    return _jit(step, shardings, 2 if task == "classification" else 3, True, donate)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, *, task: str = "classification",
+                   mode: str | None = None, shardings: Shardings | None = None):
+    """``eval(state, batch, weights) -> sums``, jitted (no dropout, no update). ``weights``
+    (batch,) is 1 for real examples, 0 for padding. Classification: ``{"loss_sum",
+    "correct", "count"}``; mlm: ``{"loss_sum", "count"}`` over the predicted tokens of
+    the rows with weight 1. Sums, so that batches add up exactly."""
+    _check_task(task)
+
+    def evaluate(state, batch, weights):
+        model, _ = nnx.merge(graphdef, state)
+        w = weights.astype(jnp.float32)
+        if task == "classification":
+            images, labels = batch
+            logits = model(images, mode=mode).astype(jnp.float32)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            correct = (logits.argmax(-1) == labels).astype(jnp.float32)
+            return {"loss_sum": (losses * w).sum(), "correct": (correct * w).sum(),
+                    "count": w.sum()}
+        inputs, labels, mask = batch
+        logits = model(inputs, mask, mode=mode).astype(jnp.float32)
+        valid = (labels >= 0) & (w[:, None] > 0)
+        losses = optax.softmax_cross_entropy_with_integer_labels(
+            logits, jnp.where(valid, labels, 0))
+        return {"loss_sum": jnp.where(valid, losses, 0).sum(),
+                "count": valid.sum().astype(jnp.float32)}
+
+    n_batch = 2 if task == "classification" else 3
+    if shardings is None:
+        return _jit(evaluate, None, n_batch, False, False)
+    kw = dict(compiler_options=_compiler_options(),
+              in_shardings=(shardings.state, (shardings.batch,) * n_batch, shardings.batch),
+              out_shardings=shardings.replicated)
+    return jax.jit(evaluate, **kw)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_train_step(graphdef, task, mode):
+    return make_train_step(graphdef, task=task, mode=mode)
+
+
 def train_step(model: nnx.Module, optimizer: nnx.Optimizer, images: jax.Array,
                labels: jax.Array, *, mode: str | None = None,
                rngs: nnx.Rngs | None = None) -> jax.Array:
-    """One optimizer step on a batch; returns the loss. ``mode`` picks the backward."""
+    """One optimizer step on a classification batch, updating ``model`` and ``optimizer``
+    in place; returns the loss. ``mode`` picks the backward; ``rngs`` (a ``dropout``
+    stream) turns on dropout. The compiled program is cached per model structure."""
+    graphdef, state = nnx.split((model, optimizer))
+    key = None if rngs is None else rngs.dropout()
+    state, metrics = _cached_train_step(graphdef, "classification", mode)(
+        state, (images, labels), key)
+    nnx.update((model, optimizer), state)
+    return metrics["loss"]
 
-    def loss_fn(model):
-        return cross_entropy_loss(model(images, mode=mode, rngs=rngs), labels)
 
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    optimizer.update(model, grads)
-    return loss
+def put(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put`` of a pytree onto matching shardings (a tree or one sharding)."""
+    return jax.device_put(tree, shardings)
+
+
+__all__ = ["TASKS", "Shardings", "batch_sharding", "check_mesh", "compute_loss",
+           "create_optimizer", "cross_entropy_loss", "data_parallel", "fsdp",
+           "learning_rate", "make_eval_step", "make_mesh", "make_optimizer",
+           "make_train_step", "put", "replicated", "state_shardings", "train_step"]
