@@ -73,8 +73,11 @@ def _held_out(labels: np.ndarray, fraction: float = 0.2, seed: int = 0) -> np.nd
 
 
 def _standardise(train: np.ndarray, test: np.ndarray):
-    mean = train.mean(axis=(0, 1, 2), keepdims=True)
-    std = train.std(axis=(0, 1, 2), keepdims=True) + 1e-6
+    """Per-channel standardisation with the training set's statistics (over its finite
+    pixels: a non-finite pixel stays non-finite and stops training with a clear error)."""
+    finite = np.where(np.isfinite(train), train, np.nan)
+    mean = np.nanmean(finite, axis=(0, 1, 2), keepdims=True)
+    std = np.nanstd(finite, axis=(0, 1, 2), keepdims=True) + 1e-6
     return ((train - mean) / std).astype(np.float32), ((test - mean) / std).astype(np.float32)
 
 
