@@ -9,8 +9,8 @@
   ``revjax.CPU_COMPILER_OPTIONS`` (pareprop's carried residuals are not copied every layer).
 - Devices: ``data_parallel`` (batch over the mesh axis, state replicated) and ``fsdp`` (state
   sharded too, each array along a dimension the axis size divides) give the shardings the
-  steps are compiled with; the custom VJP runs inside the one jitted program. Meshes must
-  use ``AxisType.Auto`` (checked, with a clear error).
+  steps are compiled with; the custom VJP runs inside the one jitted program. Meshes may
+  use ``AxisType.Auto`` or ``AxisType.Explicit`` axes (``Manual`` is refused clearly).
 - ``train_step(model, optimizer, images, labels, *, mode=None, rngs=None)``: the one-call
   classification step of the README's quick start (same compiled program, cached).
 
@@ -105,25 +105,30 @@ def _check_task(task: str) -> None:
 
 
 def check_mesh(mesh: Mesh | None, axis: str) -> None:
-    """Meshes must name ``axis`` and use ``AxisType.Auto`` axes (explicit axes make the
-    models' convolutions and scans fail sharding-type checks)."""
+    """Meshes must name ``axis`` and use ``AxisType.Auto`` or ``AxisType.Explicit`` axes
+    (the steps run their body under ``jax.sharding.auto_axes`` on explicit meshes)."""
     if mesh is None:
         return
     if axis not in mesh.axis_names:
         raise ValueError(f"mesh axes {mesh.axis_names} have no {axis!r} axis; pass "
                          f"axis=<one of {mesh.axis_names}>")
-    explicit = [n for n, t in zip(mesh.axis_names, mesh.axis_types) if t != AxisType.Auto]
-    if explicit:
+    manual = [n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual]
+    if manual:
         raise ValueError(
-            f"mesh axes {explicit} are not AxisType.Auto: revjax's train steps shard with "
-            "XLA's automatic propagation; build the mesh with jax.make_mesh(shape, names, "
-            "axis_types=(jax.sharding.AxisType.Auto,) * len(names))")
+            f"mesh axes {manual} are AxisType.Manual: revjax's train steps shard with "
+            "XLA's propagation; build the mesh with jax.make_mesh(shape, names, "
+            "axis_types=(jax.sharding.AxisType.Auto,) * len(names)) (or Explicit)")
 
 
-def make_mesh(num_devices: int | None = None, axis: str = "data") -> Mesh:
-    """A 1-D mesh over the first ``num_devices`` devices (default all), ``AxisType.Auto``."""
+def _explicit(mesh: Mesh) -> bool:
+    return any(t == AxisType.Explicit for t in mesh.axis_types)
+
+
+def make_mesh(num_devices: int | None = None, axis: str = "data",
+              axis_type: AxisType = AxisType.Auto) -> Mesh:
+    """A 1-D mesh over the first ``num_devices`` devices (default all)."""
     n = num_devices or jax.device_count()
-    return jax.make_mesh((n,), (axis,), axis_types=(AxisType.Auto,),
+    return jax.make_mesh((n,), (axis,), axis_types=(axis_type,),
                          devices=jax.devices()[:n])
 
 
@@ -187,16 +192,43 @@ def _compiler_options() -> dict:
     return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
 
 
-def _jit(fn, shardings: Shardings | None, n_batch: int, out_state: bool, donate: bool):
+def _jit(fn, shardings: Shardings | None, n_batch: int, out_keys: tuple[str, ...],
+         out_state: bool, donate: bool, weights: bool = False):
+    """``jax.jit`` with the CPU options and, with ``shardings``, those in/out shardings. On a
+    mesh with explicit axes the body runs under ``jax.sharding.auto_axes`` (XLA propagates
+    shardings inside, as on an ``Auto`` mesh; the patch-embedding convolution has no
+    explicit-sharding rule for FSDP-sharded kernels) inside ``jax.set_mesh``."""
     kw: dict = dict(compiler_options=_compiler_options())
-    if shardings is not None:
-        batch = (shardings.batch,) * n_batch
-        kw["in_shardings"] = (shardings.state, batch, shardings.replicated)
-        kw["out_shardings"] = ((shardings.state, shardings.replicated) if out_state
-                               else shardings.replicated)
     if donate:
         kw["donate_argnums"] = (0,)
-    return jax.jit(fn, **kw)
+    if shardings is None:
+        return jax.jit(fn, **kw)
+    rep = shardings.replicated
+    metrics = {k: rep for k in out_keys}
+    kw["in_shardings"] = (shardings.state, (shardings.batch,) * n_batch,
+                          shardings.batch if weights else rep)
+    kw["out_shardings"] = (shardings.state, metrics) if out_state else metrics
+    mesh = shardings.batch.mesh
+    if not _explicit(mesh):
+        return jax.jit(fn, **kw)
+    specs = jax.tree.map(lambda s: s.spec, kw["out_shardings"])
+    jitted = jax.jit(jax.sharding.auto_axes(fn, out_sharding=specs), **kw)
+    return _WithMesh(jitted, mesh)
+
+
+class _WithMesh:
+    """A jitted step called (and lowered) with its explicit mesh set."""
+
+    def __init__(self, jitted, mesh):
+        self.jitted, self.mesh = jitted, mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
 
 
 def make_train_step(graphdef: nnx.GraphDef, *, task: str = "classification",
@@ -217,7 +249,8 @@ def make_train_step(graphdef: nnx.GraphDef, *, task: str = "classification",
         optimizer.update(model, grads)
         return nnx.state((model, optimizer)), {"loss": loss, "grad_norm": grad_norm}
 
-    return _jit(step, shardings, 2 if task == "classification" else 3, True, donate)
+    return _jit(step, shardings, 2 if task == "classification" else 3,
+                ("loss", "grad_norm"), True, donate)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, task: str = "classification",
@@ -230,29 +263,28 @@ def make_eval_step(graphdef: nnx.GraphDef, *, task: str = "classification",
 
     def evaluate(state, batch, weights):
         model, _ = nnx.merge(graphdef, state)
-        w = weights.astype(jnp.float32)
         if task == "classification":
             images, labels = batch
-            logits = model(images, mode=mode).astype(jnp.float32)
+            logits = model(images, mode=mode)
+            logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+            w = weights.astype(logits.dtype)
             losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            correct = (logits.argmax(-1) == labels).astype(jnp.float32)
+            correct = (logits.argmax(-1) == labels).astype(w.dtype)
             return {"loss_sum": (losses * w).sum(), "correct": (correct * w).sum(),
                     "count": w.sum()}
         inputs, labels, mask = batch
-        logits = model(inputs, mask, mode=mode).astype(jnp.float32)
-        valid = (labels >= 0) & (w[:, None] > 0)
+        logits = model(inputs, mask, mode=mode)
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        valid = (labels >= 0) & (weights[:, None] > 0)
         losses = optax.softmax_cross_entropy_with_integer_labels(
             logits, jnp.where(valid, labels, 0))
         return {"loss_sum": jnp.where(valid, losses, 0).sum(),
-                "count": valid.sum().astype(jnp.float32)}
+                "count": valid.sum().astype(logits.dtype)}
 
-    n_batch = 2 if task == "classification" else 3
-    if shardings is None:
-        return _jit(evaluate, None, n_batch, False, False)
-    kw = dict(compiler_options=_compiler_options(),
-              in_shardings=(shardings.state, (shardings.batch,) * n_batch, shardings.batch),
-              out_shardings=shardings.replicated)
-    return jax.jit(evaluate, **kw)
+    keys = ("loss_sum", "correct", "count") if task == "classification" else ("loss_sum",
+                                                                              "count")
+    return _jit(evaluate, shardings, 2 if task == "classification" else 3, keys, False,
+                False, weights=True)
 
 
 @functools.lru_cache(maxsize=32)
