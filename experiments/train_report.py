@@ -126,6 +126,19 @@ def mode_curves(rows: list[dict], seed: int = 0) -> list[dict]:
     return out
 
 
+def unigram_baseline(seq_len: int = 64) -> float:
+    """Test cross-entropy (nats/byte) of the training set's byte frequencies (add-one): what
+    an MLM that ignores the context reaches (it sees the same masked-token distribution)."""
+    import numpy as np
+
+    from experiments import data as data_lib
+
+    d = data_lib.load("stdlib-docstrings", length=seq_len)
+    train, test = d.train.x[d.train.x < 256], d.test.x[d.test.x < 256]
+    p = np.bincount(train, minlength=256) + 1.0
+    return float(-np.log(p[test] / p.sum()).mean())
+
+
 def _pm(r: dict, scale: float, digits: int) -> str:
     return (f"{scale * r['mean']:.{digits}f} ± {scale * r['std']:.{digits}f} "
             f"({scale * r['min']:.{digits}f}-{scale * r['max']:.{digits}f})")
@@ -145,6 +158,7 @@ def markdown(rows, checks, curves) -> str:
     if mlm:
         lines += ["", "| model | mode | eval MLM loss (nats/token) |", "| --- | --- | --- |"]
         lines += [f"| {r['model']} | {r['mode']} | {_pm(r, 1, 3)}, n={r['n']} |" for r in mlm]
+        lines += [f"| byte unigram (no context) | - | {unigram_baseline():.3f} |"]
     if curves:
         lines += ["", "| model | dtype | curve vs backprop (seed 0) | max loss diff | at step "
                   "| first 10 steps | first step > 1e-3 |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -165,7 +179,9 @@ def plots(rows, out: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     paths = []
-    vision = [r for r in rows if r["metric"] == "eval_accuracy"]
+    order = [(m, mode) for fam in ("vit", "swin") for m in FAMILIES[fam] for mode in MODES]
+    vision = sorted((r for r in rows if r["metric"] == "eval_accuracy"),
+                    key=lambda r: (order.index((r["model"], r["mode"])), r["dtype"] != "float32"))
     fig, ax = plt.subplots(figsize=(9, 3.6))
     labels = []
     for i, r in enumerate(vision):
