@@ -26,13 +26,19 @@ def test_optimizer_warms_up_linearly_then_decays_by_a_cosine_and_clips():
     assert T.learning_rate(10, 1e-2, 100, 10) == pytest.approx(1e-2)
     assert T.learning_rate(55, 1e-2, 100, 10) == pytest.approx(5e-3, rel=1e-5)
     assert T.learning_rate(100, 1e-2, 100, 10) == pytest.approx(0.0, abs=1e-9)
-    # a huge gradient is clipped to norm 1 before Adam: the first update equals a unit one's
-    params = {"w": jnp.zeros((3, 3))}
-    big = {"w": jnp.full((3, 3), 1e6)}
-    state = tx.init(params)
-    for _ in range(6):  # past step 0 (learning rate 0)
-        upd_big, state = tx.update(big, state, params)
-    assert np.isfinite(np.asarray(upd_big["w"])).all()
+    # clipping before Adam: a huge gradient then a unit one in the opposite direction. Clipped
+    # to norm 1, the second dominates Adam's first moment (0.09 u - 0.1 u < 0, so the
+    # update follows +u); unclipped, the first does (the update follows -u).
+    u = jnp.ones(3) / jnp.sqrt(3.0)
+    second = {}
+    for clip in (1.0, None):
+        tx = T.make_optimizer(1.0, 100, warmup_steps=0, weight_decay=0.0, clip_norm=clip)
+        params = {"w": jnp.zeros(3)}
+        state = tx.init(params)
+        for g in (1e6 * u, -u):
+            upd, state = tx.update({"w": g}, state, params)
+        second[clip] = upd["w"]
+    assert bool((second[1.0] > 0).all()) and bool((second[None] < 0).all()), second
     with pytest.raises(ValueError, match="warmup_steps"):
         T.make_optimizer(1e-3, 10, warmup_steps=10)
 
