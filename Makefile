@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[torch,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[torch,dev,gpu-compile]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -17,6 +17,10 @@ import sys
 
 import pytest
 
+# With the CUDA plugin installed (the gpu-compile extra, for compiling for a GPU without
+# one), jax would look for a GPU at start-up; the tests run on the CPU platform.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # The legacy (non-MLIR) fusion emitters compile a third faster here (the Rev-MViT parity
 # program: 40 s -> 28 s); added only where this jaxlib knows the flag.

@@ -23,6 +23,7 @@ arXiv:2306.09342.
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend import core as jex_core
 
 MODES = ("backprop", "reprop", "pareprop")
 
@@ -140,19 +142,118 @@ def _grads(spec, res, pf, pg, shared, pl, dy1, dy2):
 
 # ----------------------------------------------------------------------- GPU streams
 
+# Call-like primitives whose body is spliced into a stream region (param holding the body).
+# Inside a region XLA keeps every nested call as an un-inlineable call on the stream and then
+# cannot give it a stream of its own ("No ExecutionStreamId found"), so a region must be flat.
+_INLINED = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
+            "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
+            "custom_vjp_call": "call_jaxpr", "checkpoint": "jaxpr", "remat": "jaxpr",
+            "remat2": "jaxpr"}
+# Primitives whose jaxpr parameter is only a combiner (lowered as an HLO ``to_apply``
+# computation, like a reduction's), not a nested call: they may stay in a stream region.
+_COMBINERS = ("scatter", "scatter-add", "scatter-mul", "scatter-min", "scatter-max",
+              "scatter_add", "scatter_mul", "scatter_min", "scatter_max")
+
+
+def _body(eqn):
+    """The spliceable body of a call-like equation as ``(jaxpr, consts)``, or None."""
+    key = _INLINED.get(eqn.primitive.name)
+    body = eqn.params.get(key) if key else None
+    if isinstance(body, jex_core.ClosedJaxpr):
+        return body.jaxpr, body.consts
+    return (body, ()) if isinstance(body, jex_core.Jaxpr) else None
+
+
+def unflattenable(jaxpr) -> list[str]:
+    """Primitives of ``jaxpr`` (call bodies included) that carry sub-computations which
+    ``flatten_calls`` cannot splice: loops, conditionals and the like."""
+    found = []
+    for eqn in jaxpr.eqns:
+        body = _body(eqn)
+        if body is not None:
+            found += unflattenable(body[0])
+        elif (eqn.primitive.name not in _COMBINERS
+              and next(iter(jex_core.jaxprs_in_params(eqn.params)), None) is not None):
+            found.append(eqn.primitive.name)
+    return found
+
+
+def _eval_flat(jaxpr, consts, args):
+    """Evaluate ``jaxpr`` by re-binding its equations, splicing in the bodies of call-like
+    equations (``_INLINED``) recursively."""
+    env = {}
+    read = lambda v: v.val if isinstance(v, jex_core.Literal) else env[v]
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for eqn in jaxpr.eqns:
+        ins = [read(v) for v in eqn.invars]
+        body = _body(eqn)
+        if body is not None:
+            outs = _eval_flat(*body, ins)
+        else:
+            params = eqn.primitive.get_bind_params(eqn.params)
+            if isinstance(params, tuple):  # older jax: (subfuns, params)
+                subfuns, params = params
+                ins = [*subfuns, *ins]
+            outs = eqn.primitive.bind(*ins, **params)
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        env.update((v, o) for v, o in zip(eqn.outvars, outs)
+                   if not isinstance(v, jex_core.DropVar))
+    return [read(v) for v in jaxpr.outvars]
+
+
+def flatten_calls(fn, *args):
+    """Trace ``fn(*args)`` and return ``(flat_fn, unflattened)``: ``flat_fn`` computes the
+    same values with every nested jitted or call-like function spliced into one body, and
+    ``unflattened`` lists the primitives with sub-computations that stay nested
+    (``unflattenable``)."""
+    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+    tree = jax.tree.structure(shapes)
+
+    def flat_fn(*args):
+        return jax.tree.unflatten(tree, _eval_flat(closed.jaxpr, closed.consts,
+                                                   jax.tree.leaves(args)))
+
+    return flat_fn, unflattenable(closed.jaxpr)
+
 
 def _on_stream(fn, stream: int):
-    """``fn`` annotated to run on CUDA stream ``stream`` (jax 0.10: ``compute_on2``,
-    jax 0.11+: ``compute_on`` as a function wrapper)."""
+    """``fn`` flattened (``flatten_calls``) and annotated to run on CUDA stream ``stream``
+    (jax 0.10: ``compute_on2``, jax 0.11+: ``compute_on`` as a function wrapper).
+
+    A half that still holds a loop or conditional after flattening is not annotated (XLA
+    cannot give the nested computation a stream): it runs on the main stream, with a warning
+    naming the primitive. Values and gradients are the same either way.
+    """
     from jax.experimental import compute_on as co
 
     wrap = getattr(co, "compute_on2", None) or co.compute_on
-    from jax._src.core import MemorySpace  # the only spelling both versions accept
 
-    return wrap(fn, compute_type=f"gpu_stream:{stream}", out_memory_spaces=MemorySpace.Device)
+    def run(*args):
+        flat_fn, nested = flatten_calls(fn, *args)
+        if nested:
+            warnings.warn(
+                f"pareprop: a half of the layer step contains {sorted(set(nested))}, which "
+                "XLA:GPU cannot place on a CUDA stream; that half runs on the main stream "
+                "(same values and gradients, no stream overlap). F and G without loops or "
+                "conditionals get the streams.", RuntimeWarning, stacklevel=2)
+            return flat_fn(*args)
+        return wrap(flat_fn, compute_type=f"gpu_stream:{stream}",
+                    out_memory_spaces=jax.memory.Space.Device)(*args)
+
+    return run
 
 
 GRADS_STREAM, REBUILD_STREAM = 1, 2
+
+# Whether pareprop puts its two halves on CUDA streams ``GRADS_STREAM``/``REBUILD_STREAM``
+# on GPU (read when the step is traced; set ``revjax.core.GPU_STREAMS = True`` before
+# ``jax.jit``). Off by default: compiled for an H200 on jax 0.10.2 and 0.11.2, XLA schedules
+# the two stream regions one after the other in the loop body (no overlap; no flag or step
+# shape tried changed that) while keeping both regions' buffers live, which raises the
+# step's memory (docs/pareprop-gpu.md has the measurements). Off, the GPU program is the
+# same dataflow on one stream.
+GPU_STREAMS = False
 
 # XLA:CPU compiler options for programs that use pareprop (``jax.jit(fn, compiler_options=
 # CPU_COMPILER_OPTIONS)``, or the same as ``XLA_FLAGS``). pareprop carries one layer's VJP
@@ -162,6 +263,19 @@ GRADS_STREAM, REBUILD_STREAM = 1, 2
 # copies unneeded and drops them (71 -> 0 per step for Rev-ViT-S).
 # experiments/pareprop_cpu.py measures it.
 CPU_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
+# XLA:GPU options for programs that use pareprop: none is needed (none found that makes the
+# stream regions overlap, see ``GPU_STREAMS``); kept so user code can pass the per-platform
+# choice of ``compiler_options`` unchanged when one is.
+GPU_COMPILER_OPTIONS: dict = {}
+
+
+def compiler_options(platform: str | None = None) -> dict:
+    """The compiler options the library uses for pareprop programs on ``platform`` (default:
+    ``jax.default_backend()``): ``CPU_COMPILER_OPTIONS`` on CPU, ``GPU_COMPILER_OPTIONS`` on
+    CUDA, none elsewhere. Pass them as ``jax.jit(fn, compiler_options=...)``."""
+    platform = platform or jax.default_backend()
+    return dict({"cpu": CPU_COMPILER_OPTIONS, "cuda": GPU_COMPILER_OPTIONS,
+                 "gpu": GPU_COMPILER_OPTIONS}.get(platform, {}))
 
 
 # -------------------------------------------------------------------------- the stack
@@ -235,6 +349,8 @@ def _backward(f, g, mode, saved, dy):
                 return x_p, p_p, res_p
 
             def on_gpu():
+                if not GPU_STREAMS:
+                    return elsewhere()
                 return (_on_stream(grads_half, GRADS_STREAM)(res_i, dy_i),
                         _on_stream(rebuild_half, REBUILD_STREAM)(x_i))
 

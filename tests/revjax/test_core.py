@@ -176,9 +176,14 @@ def _reachable_text(module, region):
 
 
 @pytest.mark.parametrize("depth", [1, 3])
-def test_cuda_export_puts_both_halves_on_streams_inside_the_loop(depth):
+def test_cuda_export_puts_both_halves_on_streams_inside_the_loop(depth, monkeypatch):
     pf, pg, x, mask, pl = make(depth, dtype=jnp.float32)
     gfn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=6)
+    # by default (revjax.core.GPU_STREAMS off) the cuda program carries no annotation
+    default = export.export(gfn, platforms=["cuda"])(pf, pg, x, x, mask, pl, "pareprop")
+    assert "_xla_stream_annotation" not in default.mlir_module()
+    monkeypatch.setattr(revjax.core, "GPU_STREAMS", True)
+    gfn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=6)  # traced anew
     cuda = export.export(gfn, platforms=["cuda"])(pf, pg, x, x, mask, pl, "pareprop")
     module = cuda.mlir_module()
     annotated = r'call @\w+\([^\n]*_xla_stream_annotation = "{}"'
