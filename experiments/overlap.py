@@ -117,19 +117,16 @@ def jax_streams(data):
 
 
 def run_jax(args, trace_dir: str) -> dict:
-    """Trace warm jitted gradient steps of ``args.model`` in pareprop mode. With
-    ``revjax.core.GPU_STREAMS`` (where this revjax has it) set to ``args.jax_gpu_streams``
-    while the step is traced, and restored after."""
+    """Trace warm jitted gradient steps of ``args.model`` in pareprop mode, with
+    ``revjax.core.GPU_STREAMS`` set to ``args.jax_gpu_streams`` while the step is traced,
+    and restored after."""
     import revjax
 
-    flag = getattr(revjax.core, "GPU_STREAMS", None)
-    if flag is not None:
-        revjax.core.GPU_STREAMS = args.jax_gpu_streams
+    flag, revjax.core.GPU_STREAMS = revjax.core.GPU_STREAMS, args.jax_gpu_streams
     try:
         return _trace_jax(args, trace_dir)
     finally:
-        if flag is not None:
-            revjax.core.GPU_STREAMS = flag
+        revjax.core.GPU_STREAMS = flag
 
 
 def _trace_jax(args, trace_dir: str) -> dict:
@@ -148,7 +145,7 @@ def _trace_jax(args, trace_dir: str) -> dict:
     def loss(p):
         return cross_entropy_loss(nnx.merge(graphdef, p, rest)(images), labels)
 
-    options = getattr(revjax.core, "compiler_options", lambda: {})()
+    options = revjax.core.compiler_options()
     step = jax.jit(jax.grad(loss), compiler_options=options)
     for _ in range(args.warmup):
         jax.block_until_ready(step(params))
@@ -160,7 +157,7 @@ def _trace_jax(args, trace_dir: str) -> dict:
     streams, windows, lines, planes = jax_streams(data)
     result = {"device": str(jax.devices()[0]), "trace": files, "device_lines": lines,
               "events_per_plane": planes, "streams": sorted(streams), "unit": "ns",
-              "gpu_streams_flag": getattr(revjax.core, "GPU_STREAMS", None)}
+              "gpu_streams_flag": revjax.core.GPU_STREAMS}
     return _summarise(result, streams, windows, _depth(model.config))
 
 

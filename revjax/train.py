@@ -6,7 +6,8 @@
   optimizer)`` state (``nnx.split``), compiled with ``jax.jit``, for ``task``
   ``"classification"`` (images, labels) or ``"mlm"`` (inputs, labels, padding mask;
   ``revjax.mlm``), each with a backward ``mode``. On CPU they compile with
-  ``revjax.CPU_COMPILER_OPTIONS`` (pareprop's carried residuals are not copied every layer).
+  ``revjax.CPU_COMPILER_OPTIONS`` (``revjax.core.compiler_options``: pareprop's carried
+  residuals are not copied every layer).
 - Devices: ``data_parallel`` (batch over the mesh axis, state replicated) and ``fsdp`` (state
   sharded too, each array along a dimension the axis size divides) give the shardings the
   steps are compiled with; the custom VJP runs inside the one jitted program. Meshes may
@@ -30,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from .core import CPU_COMPILER_OPTIONS
+from .core import compiler_options
 from .mlm import mlm_loss
 
 TASKS = ("classification", "mlm")
@@ -188,17 +189,13 @@ def fsdp(state: Any, mesh: Mesh, axis: str = "data") -> Shardings:
 # -------------------------------------------------------------------------- steps
 
 
-def _compiler_options() -> dict:
-    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else {}
-
-
 def _jit(fn, shardings: Shardings | None, n_batch: int, out_keys: tuple[str, ...],
          out_state: bool, donate: bool, weights: bool = False):
-    """``jax.jit`` with the CPU options and, with ``shardings``, those in/out shardings. On a
+    """``jax.jit`` with the platform's options (``revjax.core.compiler_options``) and, with ``shardings``, those in/out shardings. On a
     mesh with explicit axes the body runs under ``jax.sharding.auto_axes`` (XLA propagates
     shardings inside, as on an ``Auto`` mesh; the patch-embedding convolution has no
     explicit-sharding rule for FSDP-sharded kernels) inside ``jax.set_mesh``."""
-    kw: dict = dict(compiler_options=_compiler_options())
+    kw: dict = dict(compiler_options=compiler_options())
     if donate:
         kw["donate_argnums"] = (0,)
     if shardings is None:

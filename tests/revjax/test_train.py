@@ -131,7 +131,7 @@ def test_steps_compile_with_the_cpu_options_on_cpu():
     """The library's step carries pareprop's residuals without XLA's per-step copies: its
     compiled program has fewer copies than the same step with region analysis turned off."""
     assert jax.default_backend() == "cpu"
-    assert T._compiler_options() == revjax.CPU_COMPILER_OPTIONS
+    assert T.compiler_options() == revjax.CPU_COMPILER_OPTIONS
     model, opt = _vit("pareprop")
     graphdef, state = nnx.split((model, opt))
     lowered = T.make_train_step(graphdef, mode="pareprop").lower(state, _images(), None)
