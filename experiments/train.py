@@ -14,6 +14,9 @@ kept) and at the end ``summary.json`` (config, final metrics, versions, machine)
 run continues with ``--resume`` and ends with the parameters of an unbroken run, bit for
 bit on CPU: the batch of step s and its keys are pure functions of (seed, s).
 
+``--framework torch`` trains the ``revtorch.models`` twin with the same flags, data and
+outputs (``experiments/train_torch.py``; ``torch.save`` checkpoints ``checkpoints/step_<N>.pt``).
+
 Bad input (unknown model or dataset, missing or malformed data, images that do not fit the
 model, a checkpoint of another config) stops before anything is written. A non-finite loss
 stops the run, names the step and keeps the last good checkpoint.
@@ -38,8 +41,10 @@ from experiments.common import atomic_write_json
 # Settings that define a run (a checkpoint of a run with other values cannot be resumed).
 CONFIG_KEYS = ("model", "data", "data_path", "img_size", "patch_size", "depth", "dim", "mode",
                "dtype", "steps", "batch_size", "lr", "warmup", "weight_decay", "clip",
-               "seed", "seq_len", "mask_prob", "drop_rate", "parallel", "devices")
-DTYPES = ("float32", "bfloat16", "float64")
+               "seed", "seq_len", "mask_prob", "drop_rate", "parallel", "devices",
+               "framework")
+DTYPES = ("float32", "bfloat16", "float64", "float16")
+FRAMEWORKS = ("jax", "torch")
 PARALLEL = ("none", "dp", "fsdp")
 
 
@@ -54,14 +59,18 @@ class TrainingError(RuntimeError):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a revjax.models name")
+    p.add_argument("--model", required=True, help="a revjax.models (revtorch.models) name")
+    p.add_argument("--framework", default="jax", choices=FRAMEWORKS,
+                   help="jax (revjax, orbax checkpoints) or torch (revtorch, torch.save "
+                   "checkpoints; --parallel none only)")
     p.add_argument("--data", required=True, help=f"one of {', '.join(data_lib.DATASETS)}")
     p.add_argument("--data-path", help="cifar10: directory; npz: file")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--mode", default=None, help="backprop, reprop or pareprop (default: the "
                    "model's: pareprop for reversible models, backprop for standard ones)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
-                   help="compute dtype (parameters stay float32; float64 needs JAX_ENABLE_X64)")
+                   help="compute dtype (parameters stay float32; float64 needs JAX_ENABLE_X64; "
+                   "float16: torch only, with a GradScaler)")
     p.add_argument("--img-size", type=int, help="model image size (digits are resized to it)")
     p.add_argument("--patch-size", type=int)
     p.add_argument("--depth", type=int)
@@ -152,6 +161,9 @@ def check_config(cfg: dict):
     if (task == "mlm") != text:
         kind = "a text" if task == "mlm" else "an image"
         raise ConfigError(f"model {cfg['model']} needs {kind} dataset, got {cfg['data']!r}")
+    if cfg["dtype"] == "float16":
+        raise ConfigError("--dtype float16 is for --framework torch (with a GradScaler); "
+                          "use bfloat16 with jax")
     if cfg["dtype"] == "float64" and not jax.config.jax_enable_x64:
         raise ConfigError("--dtype float64 needs JAX_ENABLE_X64=1")
     for key in ("steps", "batch_size"):
@@ -208,7 +220,9 @@ def check_resume(cfg: dict, out: str, resume: bool) -> None:
         return
     if saved is None:
         raise ConfigError(f"--resume: {out} holds no run (no config.json)")
-    diff = {k: (saved.get(k), cfg[k]) for k in CONFIG_KEYS if saved.get(k) != cfg[k]}
+    defaults = {"framework": "jax"}  # runs from before --framework existed
+    diff = {k: (saved.get(k, defaults.get(k)), cfg[k]) for k in CONFIG_KEYS
+            if saved.get(k, defaults.get(k)) != cfg[k]}
     if diff:
         pretty = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(f"--resume: the checkpoint in {out} is from another model or "
@@ -256,6 +270,10 @@ def train(argv: Sequence[str] | None = None) -> dict:
         cfg["data_path"] = os.path.abspath(cfg["data_path"])
     out = os.path.abspath(args.out)
     check_resume(cfg, out, args.resume)
+    if cfg["framework"] == "torch":
+        from experiments import train_torch
+
+        return train_torch.train(args, cfg, out)
     abstract, dataset = check_config(cfg)
 
     import jax
