@@ -181,3 +181,35 @@ def test_quick_start_train_step_still_works():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     loss = train_step(model, opt, *images(torch.float32), mode="pareprop")
     assert isinstance(loss, float) and math.isfinite(loss)
+
+
+def test_adamw_steps_match_revjax_make_optimizer():
+    """Same parameters and gradients: make_optimizer's AdamW + schedule (torch) moves the
+    weights as revjax.train.make_optimizer (optax) does, decay on the matrix only."""
+    jax = pytest.importorskip("jax")
+    from revjax.train import make_optimizer as jax_make_optimizer
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3).double()
+    start = layer.weight.detach().clone()
+    grads = [(torch.randn(3, 4, dtype=torch.float64), torch.randn(3, dtype=torch.float64))
+             for _ in range(4)]
+    with jax.enable_x64(True):
+        params = {"w": jax.numpy.asarray(layer.weight.detach().numpy()),
+                  "b": jax.numpy.asarray(layer.bias.detach().numpy())}
+        tx = jax_make_optimizer(1e-2, 8, warmup_steps=2, weight_decay=0.3, clip_norm=None)
+        state = tx.init(params)
+        for gw, gb in grads:
+            updates, state = tx.update({"w": jax.numpy.asarray(gw.numpy()),
+                                        "b": jax.numpy.asarray(gb.numpy())}, state, params)
+            params = jax.tree.map(lambda p, u: p + u, params, updates)
+        want_w, want_b = np.array(params["w"]), np.array(params["b"])
+    opt, sched = make_optimizer(layer, 1e-2, 8, warmup_steps=2, weight_decay=0.3,
+                                clip_norm=None)
+    for gw, gb in grads:
+        layer.weight.grad, layer.bias.grad = gw.clone(), gb.clone()
+        opt.step()
+        sched.step()
+    assert rel_err(layer.weight, torch.from_numpy(want_w)) <= 1e-9
+    assert rel_err(layer.bias, torch.from_numpy(want_b)) <= 1e-9
+    assert rel_err(layer.weight, start) > 1e-3  # the steps moved the weights
