@@ -3,6 +3,7 @@ accumulated inside the reversible backward, are all-reduced exactly like backpro
 
 import os
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
@@ -25,13 +26,24 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save(grads, out)
-    dist.destroy_process_group()
+    dist.barrier()
+    # Leave without running destructors: tearing down DDP's reducer frees the gloo process
+    # group, whose destructor joins its worker thread while holding the GIL; a worker thread
+    # still freeing a finished work item needs the GIL too, and the process hangs (seen under
+    # load in CI, py-spy: ~ProcessGroupGloo -> std::thread::join). Every collective is done.
+    os._exit(0)
 
 
 def test_ddp_gloo_two_processes_all_modes_agree():
     with tempfile.TemporaryDirectory() as tmp:
         store, out = os.path.join(tmp, "store"), os.path.join(tmp, "grads.pt")
-        mp.spawn(_worker, args=(2, store, out), nprocs=2, join=True)
+        procs = mp.start_processes(_worker, args=(2, store, out), nprocs=2, join=False)
+        deadline = time.monotonic() + 300
+        while not procs.join(timeout=5):  # raises if a worker failed
+            if time.monotonic() > deadline:
+                for p in procs.processes:
+                    p.kill()
+                raise TimeoutError("DDP workers did not finish within 300 s")
         grads = torch.load(out)
     ref = grads["backprop"]
     for mode in ("reprop", "pareprop"):
