@@ -121,12 +121,10 @@ def _task(model_name: str) -> str:
     return "mlm" if "roberta" in model_name else "classification"
 
 
-def _overrides(cfg: dict, dataset: data_lib.Dataset | None) -> dict:
-    import jax.numpy as jnp
-
-    kw: dict = {"dtype": None if cfg["dtype"] == "float32" else getattr(jnp, cfg["dtype"])}
-    if cfg["dtype"] == "float64":
-        kw["param_dtype"] = jnp.float64
+def model_overrides(cfg: dict, dataset: data_lib.Dataset | None) -> dict:
+    """The model overrides a run's config asks for, apart from dtypes (the same keys in
+    both frameworks; each adds its own dtype objects)."""
+    kw: dict = {}
     if cfg["drop_rate"]:
         kw["drop_rate"] = cfg["drop_rate"]
     for key in ("depth", "dim"):
@@ -141,6 +139,15 @@ def _overrides(cfg: dict, dataset: data_lib.Dataset | None) -> dict:
     if dataset is not None:
         kw["num_classes"] = dataset.num_classes
     return kw
+
+
+def _overrides(cfg: dict, dataset: data_lib.Dataset | None) -> dict:
+    import jax.numpy as jnp
+
+    kw: dict = {"dtype": None if cfg["dtype"] == "float32" else getattr(jnp, cfg["dtype"])}
+    if cfg["dtype"] == "float64":
+        kw["param_dtype"] = jnp.float64
+    return {**kw, **model_overrides(cfg, dataset)}
 
 
 def check_config(cfg: dict):
@@ -181,8 +188,13 @@ def check_config(cfg: dict):
             cfg["model"], rngs=nnx.Rngs(0), mode=cfg["mode"], **_overrides(cfg, None)))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model {cfg['model']}: {e}") from None
-    mc = abstract.config
-    if task == "mlm":
+    return abstract, load_dataset(cfg, abstract.config)
+
+
+def load_dataset(cfg: dict, mc) -> data_lib.Dataset:
+    """The run's dataset, checked against the model config ``mc`` (image size and channels)
+    and the batch size (either framework)."""
+    if _task(cfg["model"]) == "mlm":
         dataset = data_lib.load(cfg["data"], length=cfg["seq_len"])
     else:
         dataset = data_lib.load(cfg["data"], path=cfg["data_path"], img_size=mc.img_size,
@@ -198,7 +210,7 @@ def check_config(cfg: dict):
     if n_train < cfg["batch_size"]:
         raise ConfigError(f"--batch-size {cfg['batch_size']} exceeds the {n_train} training "
                           "examples")
-    return abstract, dataset
+    return dataset
 
 
 def _read_json(path: str):

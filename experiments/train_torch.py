@@ -25,7 +25,7 @@ import numpy as np
 from experiments import data as data_lib
 from experiments.common import atomic_write_json
 from experiments.train import (ConfigError, TrainingError, _rewrite_metrics,
-                               _task)
+                               _task, load_dataset, model_overrides)
 
 _CKPT = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -49,20 +49,7 @@ def _overrides(cfg: dict, dataset: data_lib.Dataset | None) -> dict:
         kw["dtype"] = getattr(torch, cfg["dtype"])
     elif cfg["dtype"] == "float64":
         kw["param_dtype"] = torch.float64
-    if cfg["drop_rate"]:
-        kw["drop_rate"] = cfg["drop_rate"]
-    for key in ("depth", "dim"):
-        if cfg[key] is not None:
-            kw[key] = cfg[key]
-    if _task(cfg["model"]) == "mlm":
-        kw.update(vocab_size=data_lib.TEXT_VOCAB, pad_id=data_lib.PAD_ID, max_len=cfg["seq_len"])
-        return kw
-    for key in ("img_size", "patch_size"):
-        if cfg[key] is not None:
-            kw[key] = cfg[key]
-    if dataset is not None:
-        kw["num_classes"] = dataset.num_classes
-    return kw
+    return {**kw, **model_overrides(cfg, dataset)}
 
 
 def check_config(cfg: dict) -> data_lib.Dataset:
@@ -94,22 +81,7 @@ def check_config(cfg: dict) -> data_lib.Dataset:
                                        **_overrides(cfg, None)).config
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model {cfg['model']}: {e}") from None
-    if task == "mlm":
-        dataset = data_lib.load(cfg["data"], length=cfg["seq_len"])
-    else:
-        dataset = data_lib.load(cfg["data"], path=cfg["data_path"], img_size=mc.img_size,
-                                channels=mc.in_chans)
-        want = (mc.img_size, mc.img_size, mc.in_chans)
-        if dataset.image_shape != want:
-            h, w, c = dataset.image_shape
-            raise data_lib.DataError(
-                f"{cfg['data']} images are {h}x{w} with {c} channel(s), but model "
-                f"{cfg['model']} expects {want[0]}x{want[1]} with {want[2]} channel(s); "
-                f"pass --img-size {h} for square images or convert the data")
-    if len(dataset.train.x) < cfg["batch_size"]:
-        raise ConfigError(f"--batch-size {cfg['batch_size']} exceeds the "
-                          f"{len(dataset.train.x)} training examples")
-    return dataset
+    return load_dataset(cfg, mc)
 
 
 def checkpoints(out: str) -> list[tuple[int, str]]:
