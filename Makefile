@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) experiments/demo.py
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) experiments/demo.py  # CPU unless asked otherwise
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q  # testpaths (pyproject.toml): tests, parity_tests
