@@ -151,8 +151,7 @@ _INLINED = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
             "remat2": "jaxpr"}
 # Primitives whose jaxpr parameter is only a combiner (lowered as an HLO ``to_apply``
 # computation, like a reduction's), not a nested call: they may stay in a stream region.
-_COMBINERS = ("scatter", "scatter-add", "scatter-mul", "scatter-min", "scatter-max",
-              "scatter_add", "scatter_mul", "scatter_min", "scatter_max")
+_COMBINERS = ("scatter", "scatter-add", "scatter-mul", "scatter-min", "scatter-max")
 
 
 def _body(eqn):
@@ -349,14 +348,14 @@ def _backward(f, g, mode, saved, dy):
                 return x_p, p_p, res_p
 
             def on_gpu():
-                if not GPU_STREAMS:
-                    return elsewhere()
                 return (_on_stream(grads_half, GRADS_STREAM)(res_i, dy_i),
                         _on_stream(rebuild_half, REBUILD_STREAM)(x_i))
 
             def elsewhere():
                 return grads_half(res_i, dy_i), rebuild_half(x_i)
 
+            if not GPU_STREAMS:  # one program for every platform: nothing to choose between
+                return elsewhere()
             return lax.platform_dependent(cuda=on_gpu, default=elsewhere)
 
         def step(carry, i):

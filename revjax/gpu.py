@@ -20,6 +20,7 @@ halves run one after the other).
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from importlib import resources
 
@@ -38,15 +39,8 @@ def target_config(name: str = "h200") -> str:
 
 def plugin_available() -> bool:
     """Whether the CUDA PJRT plugin that deviceless compilation needs is installed."""
-    try:
-        import jax_plugins.xla_cuda12  # noqa: F401
-        return True
-    except ImportError:
-        try:
-            import jax_plugins.xla_cuda13  # noqa: F401
-            return True
-        except ImportError:
-            return False
+    return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None
+               for v in (12, 13))
 
 
 def topology(name: str = "h200"):
@@ -139,12 +133,13 @@ def overlap_shares(intervals) -> dict[str, float]:
     return shares
 
 
-def timeline(comps, body: str) -> str:
-    """The schedule of ``body`` in short: ``S<stream>(<kernels>)`` for a start, ``D<stream>``
-    for a done, ``[n main]`` for n kernels on the main stream in between."""
-    events = sorted([(a, f"S{s}({w})") for s, a, _, w in async_intervals(comps, body)]
-                    + [(b, f"D{s}") for s, _, b, _ in async_intervals(comps, body)])
-    lines, out, last = comps[body], [], -1
+def timeline(lines: list[str], intervals) -> str:
+    """A computation's schedule (its instruction ``lines`` and ``async_intervals``) in short:
+    ``S<stream>(<kernels>)`` for a start, ``D<stream>`` for a done, ``[n main]`` for n
+    kernels on the main stream in between."""
+    events = sorted([(a, f"S{s}({w})") for s, a, _, w in intervals]
+                    + [(b, f"D{s}") for s, _, b, _ in intervals])
+    out, last = [], -1
     for pos, event in events:
         n = sum(1 for line in lines[last + 1:pos] if _INSTR.match(line).group(2) not in _NOT_WORK)
         out += [f"[{n} main]"] * bool(n) + [event]
@@ -158,8 +153,9 @@ def stream_overlap(hlo: str) -> dict:
     Looks at every computation holding stream-annotated async pairs on two or more streams
     (pareprop's layer loop body; the unrolled steps when XLA unrolls it) and reports the one
     with the most pairs: ``{"computation", "timeline", "pairs": {stream: count},
-    "kernels": {stream: n}, "share": {stream: overlap share}}``; ``share`` is empty when no computation holds two
-    streams (nothing is placed on streams, or the halves ended up in different places).
+    "kernels": {stream: n}, "share": {stream: overlap share}}``; ``share`` is empty when no
+    computation holds two streams (nothing is placed on streams, or the halves ended up in
+    different places).
     """
     comps = computations(hlo)
     best = None
@@ -171,7 +167,7 @@ def stream_overlap(hlo: str) -> dict:
         return {"computation": None, "timeline": "", "pairs": {}, "kernels": {}, "share": {}}
     name, ivs = best
     streams = sorted({iv[0] for iv in ivs})
-    return {"computation": name, "timeline": timeline(comps, name),
+    return {"computation": name, "timeline": timeline(comps[name], ivs),
             "pairs": {s: sum(1 for iv in ivs if iv[0] == s) for s in streams},
             "kernels": {s: sum(iv[3] for iv in ivs if iv[0] == s) for s in streams},
             "share": overlap_shares(ivs)}

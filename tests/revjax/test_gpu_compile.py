@@ -34,14 +34,17 @@ def _primitives(jaxpr):
     return {e.primitive.name for e in jaxpr.eqns}
 
 
+_CALL_PRIMITIVES = {"pjit", "jit", "custom_jvp_call", "checkpoint", "remat", "remat2"}
+
+
 def test_flatten_calls_splices_every_nested_call_and_keeps_the_values():
     w, x = jnp.ones((3, 3)) * 0.3, jnp.arange(6.0).reshape(2, 3)
     plain = jax.make_jaxpr(_nested_fn)(w, x).jaxpr
-    assert _primitives(plain) & {"pjit", "jit", "custom_jvp_call", "checkpoint", "remat", "remat2"}
+    assert _primitives(plain) & _CALL_PRIMITIVES
     flat_fn, nested = core.flatten_calls(_nested_fn, w, x)
     assert nested == []
     flat = jax.make_jaxpr(flat_fn)(w, x).jaxpr
-    assert not _primitives(flat) & {"pjit", "jit", "custom_jvp_call", "checkpoint", "remat", "remat2"}
+    assert not _primitives(flat) & _CALL_PRIMITIVES
     assert all(not list(jax.extend.core.jaxprs_in_params(e.params)) for e in flat.eqns)
     want, got = _nested_fn(w, x), flat_fn(w, x)
     assert tree_rel_err(got, want) == 0.0
