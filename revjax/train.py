@@ -56,11 +56,7 @@ def make_optimizer(learning_rate: float, total_steps: int, *, warmup_steps: int 
     clipping). Weight decay applies to matrices only (ndim >= 2), not biases/norm scales."""
     if total_steps < 1:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
-    warmup = max(1, total_steps // 10) if warmup_steps is None else warmup_steps
-    if not 0 <= warmup < total_steps:
-        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup}")
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, total_steps,
-                                                  end_learning_rate)
+    schedule = _schedule(learning_rate, total_steps, warmup_steps, end_learning_rate)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     adamw = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)
     if clip_norm is None:
@@ -76,9 +72,19 @@ def create_optimizer(model: nnx.Module, tx: optax.GradientTransformation) -> nnx
 def learning_rate(tx_schedule_step: int, learning_rate: float, total_steps: int,
                   warmup_steps: int | None = None, end_learning_rate: float = 0.0) -> float:
     """The learning rate ``make_optimizer`` uses at a step (for logging)."""
+    return float(_schedule(learning_rate, total_steps, warmup_steps,
+                           end_learning_rate)(tx_schedule_step))
+
+
+def _schedule(learning_rate: float, total_steps: int, warmup_steps: int | None,
+              end_learning_rate: float) -> optax.Schedule:
+    """Linear warm-up from 0 over ``warmup_steps`` (default 10% of ``total_steps``), then a
+    cosine decay to ``end_learning_rate`` at ``total_steps``."""
     warmup = max(1, total_steps // 10) if warmup_steps is None else warmup_steps
-    return float(optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, warmup, total_steps, end_learning_rate)(tx_schedule_step))
+    if not 0 <= warmup < total_steps:
+        raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup}")
+    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, total_steps,
+                                              end_learning_rate)
 
 
 # ------------------------------------------------------------------------- losses
@@ -191,10 +197,11 @@ def fsdp(state: Any, mesh: Mesh, axis: str = "data") -> Shardings:
 
 def _jit(fn, shardings: Shardings | None, n_batch: int, out_keys: tuple[str, ...],
          out_state: bool, donate: bool, weights: bool = False):
-    """``jax.jit`` with the platform's options (``revjax.core.compiler_options``) and, with ``shardings``, those in/out shardings. On a
-    mesh with explicit axes the body runs under ``jax.sharding.auto_axes`` (XLA propagates
-    shardings inside, as on an ``Auto`` mesh; the patch-embedding convolution has no
-    explicit-sharding rule for FSDP-sharded kernels) inside ``jax.set_mesh``."""
+    """``jax.jit`` with the platform's options (``revjax.core.compiler_options``) and, with
+    ``shardings``, those in/out shardings. On a mesh with explicit axes the body runs under
+    ``jax.sharding.auto_axes`` (XLA propagates shardings inside, as on an ``Auto`` mesh; the
+    patch-embedding convolution has no explicit-sharding rule for FSDP-sharded kernels)
+    inside ``jax.set_mesh``."""
     kw: dict = dict(compiler_options=compiler_options())
     if donate:
         kw["donate_argnums"] = (0,)
