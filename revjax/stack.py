@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import jax
+import numpy as np
 from flax import nnx
 
-from .core import MODES, reversible
+from .core import (MODES, RebuildError, _anchor_every, _check_options, _stream_dtype,
+                   check_rebuild, report_rebuild, reversible)
 
 
 def stacked(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs):
@@ -54,16 +57,24 @@ class RevStack(nnx.Module):
     Parameters of all layers are stacked on a leading depth axis (one ``lax.scan`` serves
     any depth). ``mode`` (one of ``MODES``) picks the backward; it can be overridden per call.
     ``shared`` and ``per_layer`` inputs are not differentiated (``stop_gradient``).
+
+    Numerics (as ``reversible``'s): ``stream_dtype`` (None, or e.g. ``"float32"``: the two
+    streams and the inverse's subtractions in that dtype while F and G compute in the
+    inputs' dtype; the outputs come back in it) and ``anchor_every`` (None, or k: store the
+    exact stream pair every k layers and restart the backward's rebuild there).
+    ``check_rebuild`` measures the rebuild's per-layer error.
     """
 
     def __init__(self, make_f: Callable[[nnx.Rngs], nnx.Module],
                  make_g: Callable[[nnx.Rngs], nnx.Module], *, depth: int, rngs: nnx.Rngs,
-                 mode: str = "pareprop"):
+                 mode: str = "pareprop", stream_dtype=None, anchor_every: int | None = None):
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be a positive int, got {depth!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.depth, self.mode = depth, mode
+        self.stream_dtype = _stream_dtype(stream_dtype)
+        self.anchor_every = _anchor_every(anchor_every)
         self.f = stacked(make_f, depth, rngs)
         self.g = stacked(make_g, depth, rngs)
         for name, module in (("F", self.f), ("G", self.g)):
@@ -82,19 +93,78 @@ class RevStack(nnx.Module):
                  ) -> tuple[jax.Array, jax.Array]:
         f, state_f = _stateless_fn(self.f, "F")
         g, state_g = _stateless_fn(self.g, "G")
+        if _CHECKS:  # inside ``check_rebuilds``
+            _CHECKS[-1].check(self, x1, x2, shared, per_layer)
         return reversible(f, g, state_f, state_g, x1, x2, shared, per_layer,
-                          mode=self.mode if mode is None else mode)
+                          mode=self.mode if mode is None else mode,
+                          stream_dtype=self.stream_dtype, anchor_every=self.anchor_every)
+
+    def check_rebuild(self, x1: jax.Array, x2: jax.Array, *shared: jax.Array,
+                      per_layer: dict | None = None, threshold: float = 1e-2,
+                      on_error: str = "raise"):
+        """Per-layer relative errors of the inputs the backward rebuilds for this call
+        (``revjax.core.check_rebuild`` with this stack's ``stream_dtype`` and
+        ``anchor_every``); raises ``RebuildError`` or warns past ``threshold``."""
+        f, state_f = _stateless_fn(self.f, "F")
+        g, state_g = _stateless_fn(self.g, "G")
+        return check_rebuild(f, g, state_f, state_g, x1, x2, shared, per_layer,
+                             threshold=threshold, on_error=on_error,
+                             stream_dtype=self.stream_dtype, anchor_every=self.anchor_every)
+
+
+_CHECKS: list = []  # the active ``check_rebuilds`` blocks
+
+
+class _Checks:
+    """One ``check_rebuilds`` block: its options and the per-call reports."""
+
+    def __init__(self, threshold, on_error):
+        _check_options(threshold, on_error)
+        self.threshold, self.on_error, self.reports = threshold, on_error, []
+
+    def check(self, stack, x1, x2, shared, per_layer):
+        n = len(self.reports)
+        try:
+            errors = stack.check_rebuild(x1, x2, *shared, per_layer=per_layer,
+                                         threshold=np.inf)
+        except RebuildError as e:  # only for a non-finite error; reported below
+            errors = e.errors
+        self.reports.append({"call": n, "depth": stack.depth, "errors": errors})
+        report_rebuild(errors, self.threshold, self.on_error, f" (RevStack call {n})",
+                       stacklevel=5)
+
+
+@contextlib.contextmanager
+def check_rebuilds(threshold: float = 1e-2, on_error: str = "raise"):
+    """A check mode for whole models: inside the block, every ``RevStack`` call (eager, not
+    under ``jax.jit``) first checks its rebuild (``RevStack.check_rebuild``) and raises
+    ``RebuildError`` or warns, naming the call (in order, from 0) and the layer. Yields the
+    list of reports, one dict per call: ``call``, ``depth``, ``errors`` (per layer)."""
+    checks = _Checks(threshold, on_error)
+    _CHECKS.append(checks)
+    try:
+        yield checks.reports
+    finally:
+        _CHECKS.remove(checks)
 
 
 class ResidualStack(nnx.Module):
     """The standard (non-reversible) twin of ``RevStack``: ``x = x + F(x); x = x + G(x)`` per
     layer on one stream, with the same stacked F and G, run as one scan under plain autodiff.
+
+    ``remat`` (a name in ``REMAT_POLICIES``, or None): rematerialise each layer in the
+    backward with ``jax.checkpoint`` inside the scan, saving only what the policy names
+    (``nothing_saveable``: the layer inputs; ``dots_with_no_batch_dims_saveable``: also the
+    outputs of the weight matmuls). The usual alternative to a reversible model; set it on
+    a built model with ``set_remat``.
     """
 
-    def __init__(self, make_f, make_g, *, depth: int, rngs: nnx.Rngs):
+    def __init__(self, make_f, make_g, *, depth: int, rngs: nnx.Rngs,
+                 remat: str | None = None):
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be a positive int, got {depth!r}")
         self.depth = depth
+        self.remat = _check_remat(remat)
         self.f = stacked(make_f, depth, rngs)
         self.g = stacked(make_g, depth, rngs)
 
@@ -108,5 +178,32 @@ class ResidualStack(nnx.Module):
             x = x + nnx.merge(graph_f, sf)(x, *shared, **pl)
             return x + nnx.merge(graph_g, sg)(x, *shared, **pl), None
 
+        if _check_remat(self.remat) is not None:
+            policy = getattr(jax.checkpoint_policies, self.remat)
+            step = jax.checkpoint(step, policy=policy, prevent_cse=False)
         x, _ = jax.lax.scan(step, x, (state_f, state_g, per_layer or {}))
         return x
+
+
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable")
+
+
+def _check_remat(policy: str | None) -> str | None:
+    if policy is not None and policy not in REMAT_POLICIES:
+        raise ValueError(f"remat must be None or one of {REMAT_POLICIES}, got {policy!r}")
+    return policy
+
+
+def set_remat(model: nnx.Module, policy: str | None) -> nnx.Module:
+    """Set per-layer rematerialisation (``ResidualStack``'s ``remat``) on every standard
+    stack in ``model``, in place; returns ``model``. Raises for a model without one (the
+    reversible models keep no per-layer activations already: use ``mode="reprop"``)."""
+    _check_remat(policy)
+    stacks = [m for _, m in nnx.iter_graph(model) if isinstance(m, ResidualStack)]
+    if not stacks:
+        raise ValueError(
+            f"{type(model).__name__} has no ResidualStack to rematerialise: remat is for the "
+            "standard twins; a reversible model needs none (use mode='reprop' or 'pareprop')")
+    for stack in stacks:
+        stack.remat = policy
+    return model
