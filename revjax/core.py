@@ -16,6 +16,18 @@ Backward modes (``MODES``):
   input. The two halves share no data, so XLA may run them at once; on GPU they are put on
   separate streams. Residuals travel in the scan carry as arrays.
 
+Numerics options (``reversible``; docs/numerics.md has the measurements):
+
+* ``stream_dtype``: the precision policy. ``None`` keeps the streams in the inputs' dtype;
+  e.g. ``"float32"`` with bfloat16 inputs holds both streams (and the inverse's subtraction)
+  in float32 while F and G compute in the inputs' dtype: each half gets its input cast down
+  and its output cast up before the addition.
+* ``anchor_every=k``: the forward also stores the exact stream pair entering layers 0, k,
+  2k, ... (one pair per anchor) and the backward's rebuild restarts from it there, so the
+  rebuild drift spans at most k layers. ``backprop`` ignores it.
+* ``check_rebuild`` / ``rebuild_errors``: the per-layer relative error of the rebuilt inputs
+  against stored ones, raising (or warning) past a threshold, with the layer named.
+
 References: Gomez et al., "The Reversible Residual Network", 2017; Mangalam et al.,
 arXiv:2302.04869; Zhu et al., "PaReprop: Fast Parallelized Reversible Backpropagation",
 arXiv:2306.09342.
@@ -66,6 +78,31 @@ def _check(params_f, params_g, x1, x2, per_layer, mode) -> int:
     return depth
 
 
+def _stream_dtype(stream_dtype):
+    """``stream_dtype`` (None, a name like ``"float32"`` or a dtype) as a floating dtype."""
+    if stream_dtype is None:
+        return None
+    try:
+        dtype = jnp.dtype(stream_dtype)
+    except TypeError:
+        raise ValueError(f"unknown stream_dtype {stream_dtype!r}; use None or a floating "
+                         "dtype such as 'float32'") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"stream_dtype must be a floating dtype, got {dtype}")
+    return dtype
+
+
+def _anchor_every(anchor_every):
+    """``anchor_every``: None or a positive int."""
+    if anchor_every is None:
+        return None
+    if isinstance(anchor_every, bool) or not isinstance(anchor_every, (int, np.integer)):
+        raise TypeError(f"anchor_every must be None or an int, got {anchor_every!r}")
+    if anchor_every < 1:
+        raise ValueError(f"anchor_every must be at least 1 (or None), got {anchor_every}")
+    return int(anchor_every)
+
+
 def _inexact(x) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
@@ -92,6 +129,31 @@ def _layer(f, g, pf, pg, x1, x2, shared, pl):
     return y1, y2
 
 
+def _in_compute(fn, compute, stream):
+    """The precision policy for one half: ``fn`` runs on its input cast to ``compute`` (the
+    model's dtype) and its output is cast back to ``stream`` before the residual addition."""
+    def half(p, x, *shared, **pl):
+        return fn(p, x.astype(compute), *shared, **pl).astype(stream)
+
+    return half
+
+
+def _anchor_at(anchors, i, every):
+    """``(is_anchor, a1, a2)`` for layer i's input (i may be traced), or None without anchors."""
+    if anchors is None:
+        return None
+    a1, a2 = (lax.dynamic_index_in_dim(a, i // every, keepdims=False) for a in anchors)
+    return i % every == 0, a1, a2
+
+
+def _keep_anchor(anchors, x, i, every):
+    """Write the stream pair ``x`` entering layer i into its anchor slot when i % every == 0."""
+    slot, keep = i // every, i % every == 0
+    return tuple(lax.dynamic_update_index_in_dim(
+        a, jnp.where(keep, v, lax.dynamic_index_in_dim(a, slot, keepdims=False)), slot, 0)
+        for a, v in zip(anchors, x))
+
+
 def _vjp_leaves(fn, known, *primals):
     """``jax.vjp(fn, *primals)`` with the VJP flattened to arrays for a scan carry.
 
@@ -114,17 +176,20 @@ def _unflatten_vjp(spec, carried, known):
     return jax.tree.unflatten(treedef, leaves)
 
 
-def _rebuild(f, g, pf, pg, y1, y2, shared, pl):
+def _rebuild(f, g, pf, pg, y1, y2, shared, pl, anchor=None):
     """Invert one layer keeping the VJPs of G and F: ``X2 = Y2 - G(Y1)``, ``X1 = Y1 - F(X2)``.
 
-    Returns ``((x1, x2), residual leaves, static spec)``.
+    With ``anchor = (is_anchor, a1, a2)`` (``_anchor_at``) the stored exact inputs replace the
+    rebuilt ones where ``is_anchor``, F's VJP included. Returns ``((x1, x2), residual leaves,
+    static spec)``.
     """
+    pick = (lambda exact, rebuilt: jnp.where(anchor[0], exact, rebuilt)) if anchor else None
     known_g = tuple(jax.tree.leaves((pg, shared, pl)))
     known_f = tuple(jax.tree.leaves((pf, shared, pl)))
     g_out, res_g, spec_g = _vjp_leaves(lambda p, y: g(p, y, *shared, **pl), known_g, pg, y1)
-    x2 = y2 - g_out
+    x2 = y2 - g_out if pick is None else pick(anchor[2], y2 - g_out)
     f_out, res_f, spec_f = _vjp_leaves(lambda p, x: f(p, x, *shared, **pl), known_f, pf, x2)
-    x1 = y1 - f_out
+    x1 = y1 - f_out if pick is None else pick(anchor[1], y1 - f_out)
     return (x1, x2), (res_g, res_f), (spec_g, spec_f)
 
 
@@ -280,34 +345,52 @@ def compiler_options(platform: str | None = None) -> dict:
 # -------------------------------------------------------------------------- the stack
 
 
-def _forward_scan(f, g, params_f, params_g, x1, x2, shared, per_layer):
+def _forward_scan(f, g, params_f, params_g, x1, x2, shared, per_layer, anchor_every=None):
+    """The stack's outputs ``(Y1, Y2)``; with ``anchor_every`` also the anchors: the stream
+    pairs entering layers 0, k, 2k, ..., stacked (``ceil(depth / k)`` pairs)."""
+    depth = jax.tree.leaves((params_f, params_g))[0].shape[0]
+    anchors = None
+    if anchor_every is not None:
+        n = -(-depth // anchor_every)
+        anchors = tuple(jnp.zeros((n, *x.shape), x.dtype) for x in (x1, x2))
+
     def step(carry, xs):
-        pf, pg, pl = xs
-        return _layer(f, g, pf, pg, *carry, shared, pl), None
+        x, anchors = carry
+        i, pf, pg, pl = xs
+        if anchors is not None:
+            anchors = _keep_anchor(anchors, x, i, anchor_every)
+        return (_layer(f, g, pf, pg, *x, shared, pl), anchors), None
 
-    (y1, y2), _ = lax.scan(step, (x1, x2), (params_f, params_g, per_layer))
-    return y1, y2
+    (y, anchors), _ = lax.scan(step, ((x1, x2), anchors),
+                               (jnp.arange(depth), params_f, params_g, per_layer))
+    return y if anchor_every is None else (y, anchors)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _reversible(f, g, mode, params_f, params_g, x1, x2, shared, per_layer):
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _reversible(f, g, mode, anchor_every, params_f, params_g, x1, x2, shared, per_layer):
     return _forward_scan(f, g, params_f, params_g, x1, x2, shared, per_layer)
 
 
-def _reversible_fwd(f, g, mode, params_f, params_g, x1, x2, shared, per_layer):
-    y = _forward_scan(f, g, params_f, params_g, x1, x2, shared, per_layer)
-    return y, (y, params_f, params_g, shared, per_layer)  # no per-layer activations
+def _reversible_fwd(f, g, mode, anchor_every, params_f, params_g, x1, x2, shared, per_layer):
+    if anchor_every is None:
+        y, anchors = _forward_scan(f, g, params_f, params_g, x1, x2, shared, per_layer), None
+    else:
+        y, anchors = _forward_scan(f, g, params_f, params_g, x1, x2, shared, per_layer,
+                                   anchor_every)
+    # no per-layer activations: the outputs, and one stream pair per anchor
+    return y, (y, anchors, params_f, params_g, shared, per_layer)
 
 
-def _reversible_bwd(f, g, mode, saved, dy):
+def _reversible_bwd(f, g, mode, anchor_every, saved, dy):
     # Always traced (also under eager jax.grad) so that the prologue's residual layout is
     # the one the scan step produces: parameters are then recognised by identity.
-    return jax.jit(partial(_backward, f, g, mode))(saved, dy)
+    return jax.jit(partial(_backward, f, g, mode, anchor_every))(saved, dy)
 
 
-def _backward(f, g, mode, saved, dy):
-    (y1, y2), params_f, params_g, shared, per_layer = saved
+def _backward(f, g, mode, anchor_every, saved, dy):
+    (y1, y2), anchors, params_f, params_g, shared, per_layer = saved
     depth = jax.tree.leaves((params_f, params_g))[0].shape[0]
+    anchor = lambda i: _anchor_at(anchors, i, anchor_every)  # noqa: E731
     layer = lambda i: (_at(params_f, i), _at(params_g, i), _at(per_layer, i))
     zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
     grads0 = (zeros(params_f), zeros(params_g))
@@ -320,7 +403,7 @@ def _backward(f, g, mode, saved, dy):
         def step(carry, i):
             y, dy, grads = carry
             pf, pg, pl = layer(i)
-            x, res, spec = _rebuild(f, g, pf, pg, *y, shared, pl)
+            x, res, spec = _rebuild(f, g, pf, pg, *y, shared, pl, anchor(i))
             dx, dp = _grads(spec, res, pf, pg, shared, pl, *dy)
             return (x, dx, put(grads, i, dp)), None
 
@@ -329,12 +412,14 @@ def _backward(f, g, mode, saved, dy):
     else:  # pareprop
         # Prologue: rebuild the top layer, keeping its residuals.
         pf, pg, pl = p_top = layer(depth - 1)
-        x_top, res_top, spec = _rebuild(f, g, pf, pg, y1, y2, shared, pl)
+        x_top, res_top, spec = _rebuild(f, g, pf, pg, y1, y2, shared, pl,
+                                        anchor(depth - 1))
 
         def halves(i, x_i, p_i, res_i, dy_i):
             """(a) grads of layer i from its kept residuals and parameter slices; (b) rebuild
-            of layer i-1, whose parameter slices the next step's grads reuse (slicing the
-            stacked parameters again would copy a layer's weights twice per step)."""
+            of layer i-1 (restarting from its anchor, if it has one), whose parameter slices
+            the next step's grads reuse (slicing the stacked parameters again would copy a
+            layer's weights twice per step)."""
             pf_i, pg_i, pl_i = p_i
 
             def grads_half(res_i, dy_i):
@@ -342,7 +427,8 @@ def _backward(f, g, mode, saved, dy):
 
             def rebuild_half(x_i):
                 pf_p, pg_p, pl_p = p_p = layer(i - 1)
-                x_p, res_p, spec_p = _rebuild(f, g, pf_p, pg_p, *x_i, shared, pl_p)
+                x_p, res_p, spec_p = _rebuild(f, g, pf_p, pg_p, *x_i, shared, pl_p,
+                                              anchor(i - 1))
                 if [s[1] for s in spec_p] != [s[1] for s in spec]:
                     raise AssertionError("a layer's residual layout changed between steps")
                 return x_p, p_p, res_p
@@ -391,6 +477,8 @@ def reversible(
     per_layer: dict | None = None,
     *,
     mode: str,
+    stream_dtype: Any = None,
+    anchor_every: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Run a stack of reversible layers; return the final ``(Y1, Y2)``.
 
@@ -406,18 +494,44 @@ def reversible(
         shifts, dropout keys); layer i gets ``per_layer[k][i]``. Not differentiated either.
       mode: one of ``MODES``; ``backprop`` stores activations, ``reprop`` and ``pareprop``
         store only the final outputs and rebuild the rest in the backward.
+      stream_dtype: the precision policy (every mode). None: the streams stay in the
+        inputs' dtype. A floating dtype (e.g. ``"float32"`` with bfloat16 inputs): both
+        streams, their additions and the inverse's subtractions are held in it, while F and
+        G compute in the inputs' dtype (each gets its input cast to that dtype, and its
+        output is cast to ``stream_dtype`` before the addition). ``(Y1, Y2)`` come back in
+        ``stream_dtype``; the gradients of x1, x2 in their own dtype.
+      anchor_every: None, or k >= 1 (``reprop``/``pareprop``; ``backprop`` ignores it): the
+        forward also stores the exact stream pair entering layers 0, k, 2k, ... (one pair
+        per anchor, ``ceil(depth / k)`` in all) and the backward restarts its rebuild from
+        them, so rounding drift accumulates over at most k layers.
 
     Raises:
-      ValueError: unknown mode, streams differing in shape or dtype, depth 0, or leaves
-        that disagree on the depth.
+      ValueError: unknown mode, streams differing in shape or dtype, depth 0, leaves that
+        disagree on the depth, an unknown or non-floating ``stream_dtype``, or
+        ``anchor_every < 1``.
     """
     per_layer = {} if per_layer is None else dict(per_layer)
     _check(params_f, params_g, x1, x2, per_layer, mode)
+    f, g, x1, x2 = _with_policy(f, g, x1, x2, _stream_dtype(stream_dtype))
+    anchor_every = _anchor_every(anchor_every)
     shared = jax.tree.map(lax.stop_gradient, tuple(shared))
     per_layer = jax.tree.map(lax.stop_gradient, per_layer)
     if mode == "backprop":
         return _forward_scan(f, g, params_f, params_g, x1, x2, shared, per_layer)
-    return _reversible(f, g, mode, params_f, params_g, x1, x2, shared, per_layer)
+    return _reversible(f, g, mode, anchor_every, params_f, params_g, x1, x2, shared,
+                       per_layer)
+
+
+def _with_policy(f, g, x1, x2, stream):
+    """``(f, g, x1, x2)`` under the precision policy: the streams cast to ``stream`` and the
+    halves computing in the inputs' dtype (``_in_compute``); unchanged when that is
+    ``stream`` already or ``stream`` is None."""
+    x1, x2 = jnp.asarray(x1), jnp.asarray(x2)
+    if stream is None or stream == x1.dtype:
+        return f, g, x1, x2
+    compute = x1.dtype
+    return (_in_compute(f, compute, stream), _in_compute(g, compute, stream),
+            x1.astype(stream), x2.astype(stream))
 
 
 def invert(f: Fn, g: Fn, params_f: PyTree, params_g: PyTree, y1, y2, shared=(),
@@ -432,3 +546,117 @@ def invert(f: Fn, g: Fn, params_f: PyTree, params_g: PyTree, y1, y2, shared=(),
 
     x, _ = lax.scan(step, (y1, y2), (params_f, params_g, per_layer), reverse=True)
     return x
+
+
+# ------------------------------------------------------------------- rebuild check
+
+CHECK_ACTIONS = ("raise", "warn")
+
+
+class RebuildError(ValueError):
+    """A rebuilt activation differs from the stored one by more than the threshold; the
+    per-layer errors are in ``.errors``."""
+
+    def __init__(self, message: str, errors=None):
+        super().__init__(message)
+        self.errors = errors
+
+
+def rebuild_errors(f: Fn, g: Fn, params_f: PyTree, params_g: PyTree, x1, x2, shared=(),
+                   per_layer=None, *, stream_dtype: Any = None,
+                   anchor_every: int | None = None) -> jax.Array:
+    """Per-layer relative error of the inputs the backward rebuilds, against stored ones.
+
+    A forward stores every layer's input pair; the inverse, run from the top as the backward
+    runs it (same ``stream_dtype`` policy, restarting at the anchors of ``anchor_every``),
+    rebuilds them. Entry i is ``max`` over the two streams of ``max|rebuilt - stored| /
+    max|stored|`` for layer i's input (0 where an anchor gives it exactly), in float32 (or
+    float64 for float64 streams). Traceable; returns an array of shape ``(depth,)``.
+    """
+    per_layer = {} if per_layer is None else dict(per_layer)
+    _check(params_f, params_g, x1, x2, per_layer, "reprop")
+    f, g, x1, x2 = _with_policy(f, g, x1, x2, _stream_dtype(stream_dtype))
+    every = _anchor_every(anchor_every)
+    shared = tuple(shared)
+
+    def forward(x, xs):
+        pf, pg, pl = xs
+        return _layer(f, g, pf, pg, *x, shared, pl), x
+
+    def back(y, xs):
+        i, pf, pg, pl, s1, s2 = xs
+        exact = (lambda s, r: r) if every is None else (
+            lambda s, r: jnp.where(i % every == 0, s, r))
+        r2 = exact(s2, y[1] - g(pg, y[0], *shared, **pl))
+        r1 = exact(s1, y[0] - f(pf, r2, *shared, **pl))
+        return (r1, r2), (r1, r2)
+
+    depth = jax.tree.leaves((params_f, params_g))[0].shape[0]
+    y, stored = lax.scan(forward, (x1, x2), (params_f, params_g, per_layer))
+    _, rebuilt = lax.scan(back, y, (jnp.arange(depth), params_f, params_g, per_layer,
+                                    *stored), reverse=True)
+    acc = jnp.promote_types(x1.dtype, jnp.float32)
+    axes = tuple(range(1, x1.ndim + 1))
+
+    def err(r, s):
+        r, s = r.astype(acc), s.astype(acc)
+        scale = jnp.max(jnp.abs(s), axis=axes)
+        diff = jnp.max(jnp.abs(r - s), axis=axes)
+        return jnp.where(scale > 0, diff / jnp.where(scale > 0, scale, 1), diff)
+
+    return jnp.maximum(*(err(r, s) for r, s in zip(rebuilt, stored)))
+
+
+def check_rebuild(f: Fn, g: Fn, params_f: PyTree, params_g: PyTree, x1, x2, shared=(),
+                  per_layer=None, *, threshold: float = 1e-2, on_error: str = "raise",
+                  stream_dtype: Any = None, anchor_every: int | None = None) -> np.ndarray:
+    """Check that the backward's rebuild is exact enough: ``rebuild_errors`` on the host.
+
+    Returns the per-layer errors (numpy, shape ``(depth,)``). When one passes ``threshold``
+    (or is not finite), raises ``RebuildError`` (``on_error="raise"``) or warns with a
+    ``RuntimeWarning`` (``"warn"``), naming the first layer from the top over the threshold,
+    its error and the worst layer. Runs eagerly (outside ``jax.jit``): it reads the errors.
+    """
+    _check_options(threshold, on_error)
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((x1, x2, params_f))):
+        raise TypeError("check_rebuild compares values on the host: call it outside "
+                        "jax.jit/grad (on concrete arrays); use rebuild_errors when tracing")
+    errors = np.asarray(jax.jit(partial(
+        rebuild_errors, f, g, stream_dtype=stream_dtype, anchor_every=anchor_every))(
+        params_f, params_g, x1, x2, tuple(shared), per_layer))
+    report_rebuild(errors, threshold, on_error, stacklevel=3)
+    return errors
+
+
+def _check_options(threshold, on_error):
+    if on_error not in CHECK_ACTIONS:
+        raise ValueError(f"on_error must be one of {CHECK_ACTIONS}, got {on_error!r}")
+    if not threshold > 0:
+        raise ValueError(f"threshold must be a positive relative error, got {threshold!r}")
+
+
+def report_rebuild(errors, threshold: float, on_error: str = "raise", where: str = "",
+                   stacklevel: int = 2) -> None:
+    """Raise ``RebuildError`` or warn (``on_error``) when a per-layer error passes
+    ``threshold`` or is not finite; ``where`` names the stack in the message."""
+    message = _message(np.asarray(errors, np.float64), threshold, where)
+    if message is None:
+        return
+    if on_error == "raise":
+        raise RebuildError(message, errors)
+    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+
+
+def _message(errors, threshold: float, where: str) -> str | None:
+    """The check's message for per-layer ``errors`` (None when all pass ``threshold``)."""
+    bad = [i for i, e in enumerate(errors) if not e <= threshold]
+    if not bad:
+        return None
+    first, worst = bad[-1], int(np.nanargmax(np.where(np.isnan(errors), np.inf, errors)))
+    return (f"reversible rebuild check{where}: the rebuilt input of layer {first} (of "
+            f"{len(errors)}, rebuilt from the top) has relative error {errors[first]:.3g} > "
+            f"threshold {threshold:g} (max|rebuilt - stored| / max|stored|); worst: layer "
+            f"{worst}, {errors[worst]:.3g}; {len(bad)} layer(s) over. The backward's "
+            "activations, and so the gradients, are that far off: keep the streams in "
+            "float32 (stream_dtype='float32'), add anchors (anchor_every=k), or compute in "
+            "a wider dtype.")

@@ -98,6 +98,7 @@ class Stage(nnx.Module):
         stage: ``2 * in_dim`` with ``concat``); None for the first stage.
       in_dim: width of the incoming streams (needed with a transition).
       fusion: one of ``FUSIONS`` (reversible stages with a transition).
+      stack_options: ``RevStack``'s numerics keywords (``stream_dtype``, ``anchor_every``).
 
     Attributes (the parameter paths the converter maps): ``fusion`` (or None),
     ``transition`` (or None), ``blocks`` (``RevStack`` / ``ResidualStack``).
@@ -107,7 +108,7 @@ class Stage(nnx.Module):
                  make_g: Callable[[nnx.Rngs], nnx.Module], *, depth: int, rngs: nnx.Rngs,
                  reversible: bool = True, mode: str = "pareprop",
                  make_transition: Callable[[int, nnx.Rngs], nnx.Module] | None = None,
-                 in_dim: int | None = None, fusion: str = "avg", dtype=None,
+                 in_dim: int | None = None, fusion: str = "avg", stack_options=None, dtype=None,
                  param_dtype=jnp.float32):
         self.reversible = reversible
         fuse = transition = None
@@ -122,7 +123,8 @@ class Stage(nnx.Module):
             transition = make_transition(width, rngs)
         self.fusion, self.transition = fuse, transition
         if reversible:
-            self.blocks = RevStack(make_f, make_g, depth=depth, rngs=rngs, mode=mode)
+            self.blocks = RevStack(make_f, make_g, depth=depth, rngs=rngs, mode=mode,
+                                   **(stack_options or {}))
         else:
             self.blocks = ResidualStack(make_f, make_g, depth=depth, rngs=rngs)
 

@@ -100,6 +100,7 @@ class Stage(nn.Module):
         stage: ``2 * in_dim`` with ``concat``); None for the first stage.
       in_dim: width of the incoming streams (needed with a transition).
       fusion: one of ``FUSIONS`` (reversible stages with a transition).
+      stack_options: ``RevStack``'s numerics keywords (``stream_dtype``, ``anchor_every``).
 
     Attributes (the parameter paths the converter maps): ``fusion`` (or None),
     ``transition`` (or None), ``blocks`` (``RevStack`` / ``ResidualStack``).
@@ -116,6 +117,7 @@ class Stage(nn.Module):
         make_transition: Callable[[int], nn.Module] | None = None,
         in_dim: int | None = None,
         fusion: str = "avg",
+        stack_options: dict | None = None,
     ) -> None:
         super().__init__()
         self.reversible = reversible
@@ -130,7 +132,8 @@ class Stage(nn.Module):
             transition = make_transition(width)
         self.fusion, self.transition = fuse, transition
         if reversible:
-            self.blocks = RevStack(make_f, make_g, depth=depth, mode=mode)
+            self.blocks = RevStack(make_f, make_g, depth=depth, mode=mode,
+                                   **(stack_options or {}))
         else:
             self.blocks = ResidualStack(make_f, make_g, depth=depth)
 

@@ -28,3 +28,19 @@ def resolve_mode(config, mode: str | None) -> str:
         raise ValueError(f"{config.name} is a standard (non-reversible) model: it supports "
                          f"mode='backprop' only, got {mode!r}; use rev-{config.name}")
     return mode
+
+
+def stack_options(config) -> dict:
+    """The reversible stacks' numerics keywords from ``config``: ``stream_dtype`` (the
+    precision policy: None keeps the streams in the compute dtype; e.g. ``"float32"`` holds
+    them, and the inverse's subtractions, in float32 while F and G compute in ``dtype``) and
+    ``anchor_every`` (None, or k: exact streams stored every k layers, where the backward's
+    rebuild restarts). Both go to every ``RevStack``; a standard twin refuses them."""
+    options = {"stream_dtype": config.stream_dtype, "anchor_every": config.anchor_every}
+    if config.reversible:
+        return options
+    set_ = sorted(k for k, v in options.items() if v is not None)
+    if set_:
+        raise ValueError(f"{set_} apply to reversible models only (their two streams and "
+                         f"rebuild); {config.name} is a standard model: use rev-{config.name}")
+    return {}

@@ -48,7 +48,7 @@ from jax import lax
 from .. import layers
 from ..stages import Stage, check_fusion, concat, start
 from . import register_family
-from .config import resolve_mode
+from .config import resolve_mode, stack_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +71,8 @@ class MViTConfig:
     drop_path_rate: float = 0.0  # the last block's; linear from 0 over all blocks
     dtype: Any = None  # compute dtype (None: the parameters')
     param_dtype: Any = jnp.float32
+    stream_dtype: Any = None  # residual streams' dtype (None: the compute dtype); reversible
+    anchor_every: int | None = None  # store the exact streams every k layers; reversible
 
     def __post_init__(self):
         if isinstance(self.depths, list):
@@ -338,6 +340,7 @@ class MViT(nnx.Module):
     def __init__(self, config: MViTConfig, *, rngs: nnx.Rngs, mode: str | None = None):
         self.config = c = config
         self.mode = resolve_mode(config, mode)
+        numerics = stack_options(config)
         self.geometry = geo = geometry(config)
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
         self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.dim, rngs=rngs,
@@ -355,7 +358,7 @@ class MViT(nnx.Module):
                                 lambda r, mk=make_g: mk(rngs=r), depth=stack_depth(c, i),
                                 rngs=rngs, reversible=c.reversible, mode=self.mode,
                                 make_transition=transition, in_dim=g.in_dim if i else None,
-                                fusion=c.fusion, **kw))
+                                fusion=c.fusion, stack_options=numerics, **kw))
         self.stages = nnx.List(stages)
         width = 2 * geo[-1].dim if c.reversible else geo[-1].dim
         self.norm = layers.layer_norm(width, rngs, **kw)

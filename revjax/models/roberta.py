@@ -27,7 +27,7 @@ from flax import nnx
 from .. import layers
 from ..stack import ResidualStack, RevStack
 from . import register_family
-from .config import resolve_mode
+from .config import resolve_mode, stack_options
 
 # RoBERTa's padding_idx for positions: padding sits at row 1, real tokens at rows 2.. (the
 # layout of the released checkpoints, whose pad token id is 1 as well). Fixed, so that the
@@ -50,6 +50,8 @@ class RobertaConfig:
     drop_path_rate: float = 0.0
     dtype: Any = None  # compute dtype (None: the parameters')
     param_dtype: Any = jnp.float32
+    stream_dtype: Any = None  # residual streams' dtype (None: the compute dtype); reversible
+    anchor_every: int | None = None  # store the exact streams every k layers; reversible
 
 
 # (dim, depth, heads): RoBERTa-base/large (Liu et al., 2019; the BERT-base/large shapes of
@@ -95,6 +97,7 @@ class Roberta(nnx.Module):
             raise ValueError(f"pad_id {c.pad_id} is outside the vocabulary [0, {c.vocab_size})")
         self.config = config
         self.mode = resolve_mode(config, mode)
+        numerics = stack_options(config)
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
         self.tok_embed = nnx.Embed(c.vocab_size, c.dim, embedding_init=layers.init_w,
                                    rngs=rngs, **kw)
@@ -105,7 +108,8 @@ class Roberta(nnx.Module):
         make_f = lambda r: layers.AttentionHalf(c.dim, c.heads, rngs=r, **reg)
         make_g = lambda r: layers.MlpHalf(c.dim, int(c.dim * c.mlp_ratio), rngs=r, **reg)
         if c.reversible:
-            self.blocks = RevStack(make_f, make_g, depth=c.depth, rngs=rngs, mode=self.mode)
+            self.blocks = RevStack(make_f, make_g, depth=c.depth, rngs=rngs, mode=self.mode,
+                                   **numerics)
         else:
             self.blocks = ResidualStack(make_f, make_g, depth=c.depth, rngs=rngs)
         self.norm = layers.layer_norm(c.dim, rngs, **kw)

@@ -41,7 +41,7 @@ from flax import nnx
 from .. import layers
 from ..stages import Stage, check_fusion, concat, start
 from . import register_family
-from .config import resolve_mode
+from .config import resolve_mode, stack_options
 
 MASK_VALUE = -1e9  # additive bias between tokens that must not attend (exp underflows to 0)
 
@@ -64,6 +64,8 @@ class SwinConfig:
     drop_path_rate: float = 0.0  # the last layer's; linear from 0 over all layers
     dtype: Any = None  # compute dtype (None: the parameters')
     param_dtype: Any = jnp.float32
+    stream_dtype: Any = None  # residual streams' dtype (None: the compute dtype); reversible
+    anchor_every: int | None = None  # store the exact streams every k layers; reversible
 
     def __post_init__(self):
         for name in ("depths", "heads"):
@@ -293,6 +295,7 @@ class SwinTransformer(nnx.Module):
     def __init__(self, config: SwinConfig, *, rngs: nnx.Rngs, mode: str | None = None):
         self.config = c = config
         self.mode = resolve_mode(config, mode)
+        numerics = stack_options(config)
         self.geometry = geo = geometry(config)
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
         self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.dim, rngs=rngs,
@@ -308,7 +311,7 @@ class SwinTransformer(nnx.Module):
                                 lambda r, mk=make_g: mk(rngs=r), depth=depth, rngs=rngs,
                                 reversible=c.reversible, mode=self.mode,
                                 make_transition=merge, in_dim=geo[i - 1].dim if i else None,
-                                fusion=c.fusion, **kw))
+                                fusion=c.fusion, stack_options=numerics, **kw))
         self.stages = nnx.List(stages)
         width = 2 * geo[-1].dim if c.reversible else geo[-1].dim
         self.norm = layers.layer_norm(width, rngs, **kw)

@@ -18,7 +18,7 @@ from flax import nnx
 from .. import layers
 from ..stack import ResidualStack, RevStack
 from . import register_family
-from .config import resolve_mode
+from .config import resolve_mode, stack_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +37,8 @@ class ViTConfig:
     drop_path_rate: float = 0.0
     dtype: Any = None  # compute dtype (None: the parameters')
     param_dtype: Any = jnp.float32
+    stream_dtype: Any = None  # residual streams' dtype (None: the compute dtype); reversible
+    anchor_every: int | None = None  # store the exact streams every k layers; reversible
 
 
 # (dim, depth, heads, patch): ViT-Ti/S from DeiT (Touvron et al., 2021), B/L/H from
@@ -57,6 +59,7 @@ class VisionTransformer(nnx.Module):
     def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs, mode: str | None = None):
         self.config = config
         self.mode = resolve_mode(config, mode)
+        numerics = stack_options(config)
         c = config
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
         self.patch_embed = layers.PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.dim,
@@ -68,7 +71,8 @@ class VisionTransformer(nnx.Module):
         make_f = lambda r: layers.AttentionHalf(c.dim, c.heads, rngs=r, **reg)
         make_g = lambda r: layers.MlpHalf(c.dim, int(c.dim * c.mlp_ratio), rngs=r, **reg)
         if c.reversible:
-            self.blocks = RevStack(make_f, make_g, depth=c.depth, rngs=rngs, mode=self.mode)
+            self.blocks = RevStack(make_f, make_g, depth=c.depth, rngs=rngs, mode=self.mode,
+                                   **numerics)
         else:
             self.blocks = ResidualStack(make_f, make_g, depth=c.depth, rngs=rngs)
         width = 2 * c.dim if c.reversible else c.dim

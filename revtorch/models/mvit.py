@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from .. import layers
 from ..stages import Stage, check_fusion, concat, start
 from . import register_family
-from .config import check_dtypes, compute_context, resolve_mode
+from .config import check_dtypes, compute_context, resolve_mode, stack_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,8 @@ class MViTConfig:
     drop_path_rate: float = 0.0  # the last block's; linear from 0 over all blocks
     dtype: torch.dtype | None = None  # compute dtype (None: the parameters')
     param_dtype: torch.dtype = torch.float32
+    stream_dtype: str | torch.dtype | None = None  # residual streams' dtype; reversible
+    anchor_every: int | None = None  # store the exact streams every k layers; reversible
 
     def __post_init__(self):
         if isinstance(self.depths, list):
@@ -338,6 +340,7 @@ class MViT(nn.Module):
         check_dtypes(c)
         self.config = config
         self.mode = resolve_mode(config, mode)
+        numerics = stack_options(config)
         self.geometry = geo = geometry(config)
         self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.dim,
                                       kernel_size=c.patch_kernel, padding=c.patch_kernel // 2)
@@ -352,7 +355,8 @@ class MViT(nn.Module):
             stages.append(Stage(make_f, make_g, depth=stack_depth(c, i),
                                 reversible=c.reversible, mode=self.mode,
                                 make_transition=transition, in_dim=g.in_dim if i else None,
-                                fusion=c.fusion))
+                                fusion=c.fusion,
+                                stack_options=numerics))
         self.stages = nn.ModuleList(stages)
         width = 2 * geo[-1].dim if c.reversible else geo[-1].dim
         self.norm = layers.layer_norm(width)

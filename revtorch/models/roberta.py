@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .. import layers
 from ..stack import ResidualStack, RevStack
 from . import register_family
-from .config import check_dtypes, compute_context, resolve_mode
+from .config import check_dtypes, compute_context, resolve_mode, stack_options
 
 
 # RoBERTa's padding_idx for positions: padding sits at row 1, real tokens at rows 2.. (the
@@ -55,6 +55,8 @@ class RobertaConfig:
     drop_path_rate: float = 0.0
     dtype: torch.dtype | None = None  # compute dtype (None: the parameters')
     param_dtype: torch.dtype = torch.float32
+    stream_dtype: str | torch.dtype | None = None  # residual streams' dtype; reversible
+    anchor_every: int | None = None  # store the exact streams every k layers; reversible
 
 
 # (dim, depth, heads): RoBERTa-base/large (Liu et al., 2019; the BERT-base/large shapes of
@@ -107,6 +109,7 @@ class Roberta(nn.Module):
             raise ValueError(f"pad_id {c.pad_id} is outside the vocabulary [0, {c.vocab_size})")
         self.config = config
         self.mode = resolve_mode(config, mode)
+        numerics = stack_options(config)
         self.tok_embed = nn.Embedding(c.vocab_size, c.dim)
         self.pos_embed = nn.Embedding(c.max_len + POS_PAD + 1, c.dim)
         layers.init_w(self.tok_embed.weight)
@@ -116,7 +119,7 @@ class Roberta(nn.Module):
         make_f = lambda: layers.AttentionHalf(c.dim, c.heads, **reg)  # noqa: E731
         make_g = lambda: layers.MlpHalf(c.dim, int(c.dim * c.mlp_ratio), **reg)  # noqa: E731
         if c.reversible:
-            self.blocks = RevStack(make_f, make_g, depth=c.depth, mode=self.mode)
+            self.blocks = RevStack(make_f, make_g, depth=c.depth, mode=self.mode, **numerics)
         else:
             self.blocks = ResidualStack(make_f, make_g, depth=c.depth)
         self.norm = layers.layer_norm(c.dim)

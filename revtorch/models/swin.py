@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from .. import layers
 from ..stages import Stage, check_fusion, concat, start
 from . import register_family
-from .config import check_dtypes, compute_context, resolve_mode
+from .config import check_dtypes, compute_context, resolve_mode, stack_options
 
 MASK_VALUE = -1e9  # additive bias between tokens that must not attend (exp underflows to 0)
 
@@ -69,6 +69,8 @@ class SwinConfig:
     drop_path_rate: float = 0.0  # the last layer's; linear from 0 over all layers
     dtype: torch.dtype | None = None  # compute dtype (None: the parameters')
     param_dtype: torch.dtype = torch.float32
+    stream_dtype: str | torch.dtype | None = None  # residual streams' dtype; reversible
+    anchor_every: int | None = None  # store the exact streams every k layers; reversible
 
     def __post_init__(self):
         for name in ("depths", "heads"):
@@ -315,6 +317,7 @@ class SwinTransformer(nn.Module):
         check_dtypes(c)
         self.config = config
         self.mode = resolve_mode(config, mode)
+        numerics = stack_options(config)
         self.geometry = geo = geometry(config)
         self.patch_embed = PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.dim)
         stages = []
@@ -326,7 +329,8 @@ class SwinTransformer(nn.Module):
             merge = functools.partial(PatchMerging, out_dim=g.dim) if i else None
             stages.append(Stage(make_f, make_g, depth=depth, reversible=c.reversible,
                                 mode=self.mode, make_transition=merge,
-                                in_dim=geo[i - 1].dim if i else None, fusion=c.fusion))
+                                in_dim=geo[i - 1].dim if i else None, fusion=c.fusion,
+                                stack_options=numerics))
             _, masks = stage_inputs(g, depth)
             self.register_buffer(f"stage{i}_mask", torch.tensor(masks), persistent=False)
         self.stages = nn.ModuleList(stages)

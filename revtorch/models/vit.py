@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .. import layers
 from ..stack import ResidualStack, RevStack
 from . import register_family
-from .config import check_dtypes, compute_context, resolve_mode
+from .config import check_dtypes, compute_context, resolve_mode, stack_options
 
 
 
@@ -42,6 +42,8 @@ class ViTConfig:
     drop_path_rate: float = 0.0
     dtype: torch.dtype | None = None  # compute dtype (None: the parameters')
     param_dtype: torch.dtype = torch.float32
+    stream_dtype: str | torch.dtype | None = None  # residual streams' dtype; reversible
+    anchor_every: int | None = None  # store the exact streams every k layers; reversible
 
 
 # (dim, depth, heads, patch): ViT-Ti/S from DeiT (Touvron et al., 2021), B/L/H from
@@ -70,6 +72,7 @@ class VisionTransformer(nn.Module):
         check_dtypes(c)
         self.config = config
         self.mode = resolve_mode(config, mode)
+        numerics = stack_options(config)
         self.patch_embed = layers.PatchEmbed(c.img_size, c.patch_size, c.in_chans, c.dim)
         self.pos_embed = nn.Parameter(
             layers.init_w(torch.empty(1, self.patch_embed.num_patches, c.dim))
@@ -78,7 +81,7 @@ class VisionTransformer(nn.Module):
         make_f = lambda: layers.AttentionHalf(c.dim, c.heads, **reg)  # noqa: E731
         make_g = lambda: layers.MlpHalf(c.dim, int(c.dim * c.mlp_ratio), **reg)  # noqa: E731
         if c.reversible:
-            self.blocks = RevStack(make_f, make_g, depth=c.depth, mode=self.mode)
+            self.blocks = RevStack(make_f, make_g, depth=c.depth, mode=self.mode, **numerics)
         else:
             self.blocks = ResidualStack(make_f, make_g, depth=c.depth)
         width = 2 * c.dim if c.reversible else c.dim
