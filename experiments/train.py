@@ -15,7 +15,10 @@ run continues with ``--resume`` and ends with the parameters of an unbroken run,
 bit on CPU: the batch of step s and its keys are pure functions of (seed, s).
 
 ``--framework torch`` trains the ``revtorch.models`` twin with the same flags, data and
-outputs (``experiments/train_torch.py``; ``torch.save`` checkpoints ``checkpoints/step_<N>.pt``).
+outputs (``experiments/train_torch.py``; ``torch.save`` checkpoints ``checkpoints/step_<N>.pt``);
+with several processes under torchrun, ``--parallel dp`` (DDP) or ``--parallel fsdp`` (FSDP2):
+
+    torchrun --nproc_per_node=2 -m experiments.train --framework torch --parallel dp ...
 
 Bad input (unknown model or dataset, missing or malformed data, images that do not fit the
 model, a checkpoint of another config) stops before anything is written. A non-finite loss
@@ -34,6 +37,9 @@ import time
 from typing import Sequence
 
 import numpy as np
+
+if not __package__:  # run as a script (torchrun experiments/train.py): the repository root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from experiments import data as data_lib
 from experiments.common import atomic_write_json
@@ -62,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a revjax.models (revtorch.models) name")
     p.add_argument("--framework", default="jax", choices=FRAMEWORKS,
                    help="jax (revjax, orbax checkpoints) or torch (revtorch, torch.save "
-                   "checkpoints; --parallel none only)")
+                   "checkpoints; --parallel dp/fsdp under torchrun)")
     p.add_argument("--data", required=True, help=f"one of {', '.join(data_lib.DATASETS)}")
     p.add_argument("--data-path", help="cifar10: directory; npz: file")
     p.add_argument("--out", required=True, help="output directory")
@@ -86,8 +92,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=64, help="MLM tokens per row")
     p.add_argument("--mask-prob", type=float, default=0.15)
     p.add_argument("--parallel", default="none", choices=PARALLEL,
-                   help="dp: batch over devices; fsdp: parameters and optimizer state too")
-    p.add_argument("--devices", type=int, default=None, help="devices of the mesh (all)")
+                   help="dp: batch over devices; fsdp: parameters and optimizer state too "
+                   "(torch: DDP / FSDP2, one process per device under torchrun)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="devices of the mesh (all; torch: torchrun's processes)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -281,11 +289,11 @@ def train(argv: Sequence[str] | None = None) -> dict:
     if cfg["data_path"]:
         cfg["data_path"] = os.path.abspath(cfg["data_path"])
     out = os.path.abspath(args.out)
-    check_resume(cfg, out, args.resume)
-    if cfg["framework"] == "torch":
+    if cfg["framework"] == "torch":  # checks the resume itself, on every process
         from experiments import train_torch
 
         return train_torch.train(args, cfg, out)
+    check_resume(cfg, out, args.resume)
     abstract, dataset = check_config(cfg)
 
     import jax
@@ -439,9 +447,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     keys = ("status", "step", "eval_accuracy", "eval_loss", "final_train_loss")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}))
+    if summary.get("rank", 0) == 0:
+        print(json.dumps({k: summary[k] for k in keys if k in summary}))
     return 0
 
 
+def _leave(rc: int) -> None:
+    """Exit; a torch run under torchrun leaves through ``train_torch.leave``."""
+    if "experiments.train_torch" in sys.modules:
+        sys.modules["experiments.train_torch"].leave(rc)
+    sys.exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    if not __package__:  # one copy of this module (and of ConfigError) for the torch path
+        from experiments import train as _module
+
+        _module._leave(_module.main())
+    _leave(main())

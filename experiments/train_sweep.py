@@ -2,13 +2,15 @@
 same schedule by ``experiments/train.py``, one command, resumable.
 
     python -m experiments.train_sweep [--out results/train/runs] [--seeds 0 1 2] [--only vit]
+    python -m experiments.train_sweep --framework torch --only vit   # the revtorch twins
 
 Cells: on digits (16 px), Rev-ViT (backprop, reprop, pareprop) vs ViT of the same width and
 depth, and Rev-Swin vs Swin, in float32 and bfloat16; then masked-LM on the standard
 library's docstrings (byte-level), Rev-RoBERTa vs RoBERTa, float32. A cell with a
 ``summary.json`` is skipped; one with a checkpoint continues from it. Seed 0 of every cell
 runs first, so a partial sweep already compares every model. ``experiments/train_report.py``
-aggregates the results.
+aggregates the results. ``--framework torch`` runs the same cells with ``revtorch`` (same
+flags, data, batch order and seeds; cell names start with ``torch_``).
 """
 
 from __future__ import annotations
@@ -35,23 +37,24 @@ MODES = ("backprop", "reprop", "pareprop")
 DTYPES = ("float32", "bfloat16")
 
 
-def cells(seeds, only=None):
+def cells(seeds, only=None, framework="jax"):
     """(name, argv) of every cell, seed-major."""
     out = []
+    prefix, fw = ("", []) if framework == "jax" else (f"{framework}_", ["--framework", framework])
     for seed in seeds:
         for family, (rev, std, extra) in VISION.items():
             if only and family not in only:
                 continue
             for dtype in DTYPES:
                 for model, mode in [(rev, m) for m in MODES] + [(std, "backprop")]:
-                    name = f"{model}_{mode}_{dtype}_s{seed}"
-                    out.append((name, ["--model", model, "--mode", mode, "--dtype", dtype,
+                    name = f"{prefix}{model}_{mode}_{dtype}_s{seed}"
+                    out.append((name, [*fw, "--model", model, "--mode", mode, "--dtype", dtype,
                                        "--seed", str(seed), *extra, *VISION_SCHEDULE]))
         if not only or "roberta" in only:
             rev, std, args = MLM
             for model, mode in ((rev, "pareprop"), (std, "backprop")):
-                name = f"{model}_{mode}_float32_s{seed}"
-                out.append((name, ["--model", model, "--mode", mode, "--seed", str(seed),
+                name = f"{prefix}{model}_{mode}_float32_s{seed}"
+                out.append((name, [*fw, "--model", model, "--mode", mode, "--seed", str(seed),
                                    *args]))
     return out
 
@@ -62,8 +65,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="results/train/runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="+", choices=("vit", "swin", "roberta"))
+    p.add_argument("--framework", default="jax", choices=train_cli.FRAMEWORKS)
     args = p.parse_args(argv)
-    todo = cells(args.seeds, args.only)
+    todo = cells(args.seeds, args.only, args.framework)
     bar = tqdm(todo, desc="sweep", dynamic_ncols=True)
     for name, cell_argv in bar:
         out = os.path.join(args.out, name)

@@ -110,26 +110,37 @@ def scheduled_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,
                          scheduler: torch.optim.lr_scheduler.LRScheduler | None, batch: tuple,
                          *, task: str = "classification", mode: str | None = None,
                          scaler: torch.amp.GradScaler | None = None,
-                         clip_norm: float | None = 1.0) -> dict:
-    """One optimizer step; returns ``{"loss", "grad_norm", "lr"}`` (floats: the loss, the
-    global gradient norm before clipping, the learning rate the step used).
+                         clip_norm: float | None = 1.0, loss_weight: float = 1.0) -> dict:
+    """One optimizer step; returns ``{"loss", "grad_norm", "lr"}`` (floats: the loss times
+    ``loss_weight``, the global gradient norm before clipping, the learning rate the step
+    used).
 
     Gradients are cleared first, then clipped to global norm ``clip_norm`` (None: not
     clipped) with ``torch.nn.utils.clip_grad_norm_``; ``scheduler`` (may be None) steps
     after the optimizer. With a ``GradScaler`` (float16 compute) the loss is scaled, the
     gradients unscaled before clipping, and a step with non-finite gradients is skipped by
     the scaler (its ``grad_norm`` is then inf or nan). Dropout follows ``model.train()``.
+
+    ``model`` may be wrapped in ``DistributedDataParallel`` or sharded with FSDP2's
+    ``fully_shard`` (the gradient norm is then the global one). ``loss_weight`` multiplies
+    the loss before the backward: under DDP, which averages the ranks' gradients, a rank
+    whose share of the global batch's loss terms is not ``1 / world`` (MLM: predicted tokens)
+    passes ``world * local_terms / global_terms`` so that the step is the global batch's.
     """
     _check_task(task)
     lr = optimizer.param_groups[0]["lr"]
     optimizer.zero_grad(set_to_none=True)
     loss = compute_loss(model, batch, task=task, mode=mode)
+    if loss_weight != 1.0:
+        loss = loss * loss_weight
     (loss if scaler is None else scaler.scale(loss)).backward()
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     grad_norm = nn.utils.clip_grad_norm_(
         params, math.inf if clip_norm is None else clip_norm)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor (FSDP2 parameters)
+        grad_norm = grad_norm.full_tensor()
     if scaler is None:
         optimizer.step()
     else:

@@ -1,0 +1,50 @@
+"""Run under torchrun by tests/test_train_cli_torch_dist.py (not a test module itself):
+``experiments/train.py --framework torch`` with ``--parallel dp`` and ``fsdp`` in every mode,
+a stopped and resumed run of each, a resume with another process count and a non-finite
+loss on one rank's shard. Every rank records what ``cli.main`` returned."""
+
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import train as cli  # noqa: E402
+from experiments import train_torch  # noqa: E402
+
+
+def main(root: str, base: list[str], nan_data: str) -> None:
+    rank = int(os.environ["RANK"])
+    rc = {}
+    for par in ("dp", "fsdp"):
+        for mode in ("backprop", "reprop", "pareprop"):
+            rc[f"{par}_{mode}"] = cli.main(base + ["--parallel", par, "--mode", mode,
+                                                   "--out", f"{root}/{par}_{mode}"])
+        split = base + ["--parallel", par, "--mode", "pareprop", "--out", f"{root}/{par}_split"]
+        rc[f"{par}_stopped"] = cli.main(split + ["--stop-after", "2"])
+        rc[f"{par}_resumed"] = cli.main(split + ["--resume"])
+    # a checkpoint written by 3 processes (its RNG states say so) is refused by 2
+    three = f"{root}/three"
+    if rank == 0:
+        shutil.copytree(f"{root}/dp_split", three)
+        path = train_torch.checkpoints(three)[-1][1]
+        ck = torch.load(path, weights_only=True)
+        ck["rng"]["ranks"].append(ck["rng"]["ranks"][0])
+        torch.save(ck, path)
+        os.unlink(f"{three}/summary.json")
+    torch.distributed.barrier()
+    rc["three"] = cli.main(base + ["--parallel", "dp", "--mode", "pareprop", "--out", three,
+                                   "--resume"])
+    # a NaN image in rank 1's shard of step 3's batch stops both ranks
+    nan = [a if a != "digits" else "npz" for a in base] + ["--data-path", nan_data]
+    rc["nan"] = cli.main(nan + ["--parallel", "dp", "--steps", "5", "--ckpt-every", "1",
+                                "--out", f"{root}/nan"])
+    with open(f"{root}/rc_{rank}.json", "w") as f:
+        json.dump(rc, f)
+    train_torch.leave(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])
