@@ -1,7 +1,8 @@
 """Aggregate ``experiments/train_sweep.py``: test accuracy mean ± spread per model, mode and
 dtype, the targets (reversible vs standard within 1 point or the seeds' spread; bf16 within 1
 point of float32), the largest loss-curve difference between modes for one seed, MLM eval
-losses; a markdown table, ``report.json`` and two PNG plots.
+losses; a markdown table, ``report.json`` and two PNG plots (jax). Runs of
+``train_sweep.py --framework torch`` get a table and targets of their own, after the jax ones.
 
     python -m experiments.train_report [--runs results/train/runs] [--out results/train]
 """
@@ -48,14 +49,15 @@ def aggregate(summaries: list[dict]) -> dict:
     groups: dict = {}
     for s in summaries:
         c = s["config"]
-        key = (c["model"], s["mode"], c["dtype"])
+        key = (c.get("framework", "jax"), c["model"], s["mode"], c["dtype"])
         metric = s.get("eval_accuracy", s.get("eval_loss"))
         groups.setdefault(key, []).append((c["seed"], metric, s["dir"]))
     rows = []
-    for (model, mode, dtype), vals in sorted(groups.items()):
+    for (framework, model, mode, dtype), vals in sorted(groups.items()):
         vals.sort()
         metric = "eval_accuracy" if "roberta" not in model else "eval_loss"
-        rows.append({"model": model, "mode": mode, "dtype": dtype, "metric": metric,
+        rows.append({"framework": framework, "model": model, "mode": mode, "dtype": dtype,
+                     "metric": metric,
                      "seeds": [v[0] for v in vals], **_stats([v[1] for v in vals]),
                      "dirs": {v[0]: v[2] for v in vals}})
     return {"rows": rows}
@@ -144,13 +146,16 @@ def _pm(r: dict, scale: float, digits: int) -> str:
             f"({scale * r['min']:.{digits}f}-{scale * r['max']:.{digits}f})")
 
 
-def markdown(rows, checks, curves) -> str:
-    lines = ["| model | mode | float32 test acc % | bfloat16 test acc % |",
-             "| --- | --- | --- | --- |"]
+def markdown(rows, checks, curves, title: str | None = None) -> str:
+    lines = [f"{title}", ""] if title else []
+    lines += ["| model | mode | float32 test acc % | bfloat16 test acc % |",
+              "| --- | --- | --- | --- |"]
     by = {(r["model"], r["mode"], r["dtype"]): r for r in rows}
     for fam in ("vit", "swin"):
         rev, std = FAMILIES[fam]
         for model, mode in [(rev, m) for m in MODES] + [(std, "backprop")]:
+            if not any((model, mode, d) in by for d in ("float32", "bfloat16")):
+                continue
             cells = [(_pm(by[(model, mode, d)], 100, 1) + f", n={by[(model, mode, d)]['n']}")
                      if (model, mode, d) in by else "-" for d in ("float32", "bfloat16")]
             lines.append(f"| {model} | {mode} | {cells[0]} | {cells[1]} |")
@@ -229,9 +234,15 @@ def main(argv=None) -> None:
     p.add_argument("--runs", default="results/train/runs")
     p.add_argument("--out", default="results/train")
     args = p.parse_args(argv)
-    rows = aggregate(load(args.runs))["rows"]
+    all_rows = aggregate(load(args.runs))["rows"]
+    rows = [r for r in all_rows if r["framework"] == "jax"]
     checks, curves = targets(rows), mode_curves(rows)
     md = markdown(rows, checks, curves)
+    torch_rows = [r for r in all_rows if r["framework"] == "torch"]
+    torch_checks, torch_curves = targets(torch_rows), mode_curves(torch_rows)
+    if torch_rows:
+        md += "\n" + markdown(torch_rows, torch_checks, torch_curves,
+                              title="torch (revtorch, `train_sweep.py --framework torch`):")
     os.makedirs(args.out, exist_ok=True)
     tmp = os.path.join(args.out, "table.md.tmp")
     with open(tmp, "w") as f:
@@ -239,8 +250,9 @@ def main(argv=None) -> None:
     os.replace(tmp, os.path.join(args.out, "table.md"))
     pngs = plots(rows, args.out)
     atomic_write_json(os.path.join(args.out, "report.json"),
-                      {"rows": [{k: v for k, v in r.items() if k != "dirs"} for r in rows],
-                       "targets": checks, "mode_curves": curves, "plots": pngs})
+                      {"rows": [{k: v for k, v in r.items() if k != "dirs"} for r in all_rows],
+                       "targets": checks, "mode_curves": curves, "torch_targets": torch_checks,
+                       "torch_mode_curves": torch_curves, "plots": pngs})
     print(md)
 
 
