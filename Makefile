@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test parity bench clean
+.PHONY: demo test parity gpu gpu-smoke clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,10 +14,16 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) experiments/demo.py  # CPU unless asked otherwise
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m experiments.bench demo  # CPU unless asked otherwise
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q  # testpaths (pyproject.toml): tests, parity_tests
+
+gpu:  # on a GPU machine with the packages installed (no venv): the headline benchmarks
+	PYTHON=$${PYTHON:-python} experiments/gpu.sh
+
+gpu-smoke: $(STAMP)  # the same parts on CPU with the smallest configs
+	PYTHON=$(PY) experiments/gpu.sh --smoke results/gpu-smoke
 
 parity: $(STAMP)
 	$(PY) -m pytest -q parity_tests

@@ -43,7 +43,7 @@ def cores_busy(fn: Callable[[], object], calls: int) -> float:
 def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     """A GitHub-markdown table."""
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 

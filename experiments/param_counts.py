@@ -32,7 +32,7 @@ def count(name: str) -> int:
     return sum(a.size for a in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     rows = []
     for name in revjax.models.names():
         if not name.startswith("rev-") or name.endswith("-test"):

@@ -196,13 +196,13 @@ def fsdp(state: Any, mesh: Mesh, axis: str = "data") -> Shardings:
 
 
 def _jit(fn, shardings: Shardings | None, n_batch: int, out_keys: tuple[str, ...],
-         out_state: bool, donate: bool, weights: bool = False):
+         out_state: bool, donate: bool, weights: bool = False, options: dict | None = None):
     """``jax.jit`` with the platform's options (``revjax.core.compiler_options``) and, with
     ``shardings``, those in/out shardings. On a mesh with explicit axes the body runs under
     ``jax.sharding.auto_axes`` (XLA propagates shardings inside, as on an ``Auto`` mesh; the
     patch-embedding convolution has no explicit-sharding rule for FSDP-sharded kernels)
-    inside ``jax.set_mesh``."""
-    kw: dict = dict(compiler_options=compiler_options())
+    inside ``jax.set_mesh``. ``options`` replaces the platform's compiler options."""
+    kw: dict = dict(compiler_options=compiler_options() if options is None else options)
     if donate:
         kw["donate_argnums"] = (0,)
     if shardings is None:
@@ -237,11 +237,14 @@ class _WithMesh:
 
 def make_train_step(graphdef: nnx.GraphDef, *, task: str = "classification",
                     mode: str | None = None, shardings: Shardings | None = None,
-                    donate: bool = False):
+                    donate: bool = False, compiler_options: dict | None = None):
     """``step(state, batch, key) -> (state, {"loss", "grad_norm"})``, jitted, for the state
     of ``nnx.split((model, optimizer))``. ``key`` (or None) seeds dropout; ``batch`` is
     ``(images, labels)`` or ``(inputs, labels, mask)`` (``task``). With ``shardings``
-    (``data_parallel`` / ``fsdp``) the state and batch keep those shardings."""
+    (``data_parallel`` / ``fsdp``) the state and batch keep those shardings.
+    ``compiler_options`` (default: ``revjax.core.compiler_options()`` for the default
+    backend) are XLA's options for the step, e.g. ``compiler_options("cuda")`` when
+    compiling ahead of time for a GPU from a CPU machine."""
     _check_task(task)
 
     def step(state, batch, key):
@@ -254,7 +257,7 @@ def make_train_step(graphdef: nnx.GraphDef, *, task: str = "classification",
         return nnx.state((model, optimizer)), {"loss": loss, "grad_norm": grad_norm}
 
     return _jit(step, shardings, 2 if task == "classification" else 3,
-                ("loss", "grad_norm"), True, donate)
+                ("loss", "grad_norm"), True, donate, options=compiler_options)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, task: str = "classification",

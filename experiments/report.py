@@ -1,0 +1,329 @@
+"""Tables and plots from the benchmark suite's cells (``results/bench/cells.jsonl``).
+
+    python -m experiments.bench report [--results results/bench] [--budget-gib 80]
+
+Writes ``report.md`` (the tables) and the figures beside the cells, atomically:
+``memory_vs_batch.png``, ``memory_vs_depth.png``, ``throughput_vs_batch.png``,
+``pareprop_speedup.png``. Memory per sample is the least-squares slope of a cell group's
+training-step bytes over batch size and the fixed part its intercept; the largest batch
+that fits the budget follows from both. Figures measured on CPU say so in their titles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import table  # noqa: E402
+
+MiB, GiB = 2**20, 2**30
+ORDER = ("standard", "remat", "remat-dots", "rev-backprop", "reprop", "pareprop",
+         "pareprop+streams")
+
+
+def measure(row: dict) -> float | None:
+    """The training-step bytes of a memory cell: the device's peak where it ran on one,
+    else the compiled total (jax) or kept + state bytes (torch, CPU)."""
+    for k in ("device_peak_bytes", "total_bytes"):
+        if row.get(k) is not None:
+            return float(row[k])
+    return None
+
+
+def _label(row: dict) -> str:
+    where = {"cpu": "CPU", "gpu-compile": "H200 compile", "gpu": "GPU"}[row["backend"]]
+    return f"{row['framework']} {where}"
+
+
+def _fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares (slope, intercept) of bytes over batch."""
+    n = len(points)
+    mx = sum(b for b, _ in points) / n
+    my = sum(v for _, v in points) / n
+    sxx = sum((b - mx) ** 2 for b, _ in points)
+    slope = sum((b - mx) * (v - my) for b, v in points) / sxx
+    return slope, my - slope * mx
+
+
+def _sort(rows, *keys):
+    return sorted(rows, key=lambda r: tuple(
+        ORDER.index(r[k]) if k == "method" and r[k] in ORDER else (r[k] or 0)
+        if k in ("depth", "batch") else str(r[k]) for k in keys))
+
+
+def memory_table(cells: list[dict], budget_gib: float) -> list[dict]:
+    groups = collections.defaultdict(list)
+    for r in cells:
+        if r["kind"] == "memory" and "error" not in r and measure(r) is not None:
+            groups[(r["framework"], r["backend"], r["model"], r["method"], r["depth"],
+                    r["size"], r["dtype"])].append(r)
+    out = []
+    for (fw, backend, model, method, depth, size, dtype), rows in groups.items():
+        points = sorted({r["batch"]: measure(r) for r in rows}.items())
+        if len(points) < 2:
+            continue
+        slope, fixed = _fit(points)
+        out.append({"framework": fw, "backend": backend, "model": model, "method": method,
+                    "depth": depth, "size": size, "dtype": dtype, "where": _label(rows[0]),
+                    "MiB/sample": slope / MiB, "fixed MiB": fixed / MiB,
+                    "max batch": (math.floor((budget_gib * GiB - fixed) / slope)
+                                  if slope > 0 else None)})
+    standard = {(r["where"], r["model"], r["depth"], r["size"], r["dtype"]): r["MiB/sample"]
+                for r in out if r["method"] == "standard"}
+    for r in out:
+        ref = standard.get((r["where"], r["model"], r["depth"], r["size"], r["dtype"]))
+        r["vs standard"] = ref / r["MiB/sample"] if ref and r["MiB/sample"] > 0 else None
+    return _sort(out, "where", "model", "depth", "method")
+
+
+def depth_table(mem: list[dict]) -> list[dict]:
+    """Memory per sample (``memory_table``'s slopes) at each benchmarked depth: the
+    activation memory, without the parameters and optimizer state that grow with depth."""
+    groups = collections.defaultdict(dict)
+    for r in mem:
+        if r["depth"] is not None:
+            groups[(r["where"], r["model"], r["method"], r["size"], r["dtype"])][r["depth"]] = (
+                r["MiB/sample"])
+    out = []
+    for (where, model, method, size, dtype), by_depth in groups.items():
+        if len(by_depth) < 2:
+            continue
+        depths = sorted(by_depth)
+        row = {"where": where, "model": model, "method": method, "size": size, "dtype": dtype}
+        for d in depths:
+            row[f"d{d} MiB/sample"] = by_depth[d]
+        row["deepest / shallowest"] = by_depth[depths[-1]] / by_depth[depths[0]]
+        row["_depths"] = depths
+        out.append(row)
+    return _sort(out, "where", "model", "method")
+
+
+def speed_table(cells: list[dict]) -> list[dict]:
+    groups = collections.defaultdict(dict)
+    for r in cells:
+        if r["kind"] == "speed" and "error" not in r:
+            groups[(r["framework"], _label(r), r["model"], r["batch"], r["depth"], r["size"],
+                    r["dtype"])][r["method"]] = r
+    out = []
+    for (fw, where, model, batch, depth, size, dtype), by_method in groups.items():
+        row = {"where": where, "model": model, "batch": batch, "depth": depth, "size": size,
+               "dtype": dtype}
+        for m in ORDER:
+            if m in by_method:
+                c = by_method[m]
+                row[f"{m} /s"] = c["samples_per_s"]
+                row[f"_{m}_spread"] = (c["batch"] / c["step_s_q3"], c["batch"] / c["step_s_q1"])
+        if "pareprop /s" in row and "reprop /s" in row:
+            row["pareprop / reprop"] = row["pareprop /s"] / row["reprop /s"]
+        out.append(row)
+    return _sort(out, "where", "model", "depth", "batch")
+
+
+def framework_table(speed: list[dict]) -> list[dict]:
+    """revjax's step time against revtorch's on the same model, batch and method."""
+    by = {}
+    for r in speed:
+        fw, where = r["where"].split(" ", 1)
+        by[(fw, where, r["model"], r["batch"], r["depth"], r["size"], r["dtype"])] = r
+    out = []
+    for (fw, where, *rest), r in by.items():
+        other = by.get(("torch", where, *rest))
+        if fw != "jax" or other is None:
+            continue
+        row = {"where": where, "model": rest[0], "batch": rest[1], "size": rest[3]}
+        for m in ORDER:
+            if f"{m} /s" in r and f"{m} /s" in other:
+                row[f"{m}: torch/jax time"] = r[f"{m} /s"] / other[f"{m} /s"]
+        out.append(row)
+    return out
+
+
+def _fmt(rows: list[dict]) -> list[dict]:
+    def f(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+        return "" if v is None else v
+
+    return [{k: f(v) for k, v in r.items() if not k.startswith("_")} for r in rows]
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols and not k.startswith("_")]
+    return cols
+
+
+# ------------------------------------------------------------------------------- plots
+
+
+def _save_figure(fig, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _grid(n: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return plt, fig, list(axes.flat)
+
+
+def plot_memory_vs_batch(cells, path) -> bool:
+    groups = collections.defaultdict(lambda: collections.defaultdict(dict))
+    for r in cells:
+        if r["kind"] == "memory" and "error" not in r and measure(r) is not None:
+            panel = (_label(r), r["model"], r["depth"], r["size"])
+            groups[panel][r["method"]][r["batch"]] = measure(r) / GiB
+    panels = [p for p, m in groups.items() if any(len(v) > 1 for v in m.values())]
+    if not panels:
+        return False
+    plt, fig, axes = _grid(len(panels))
+    for ax, panel in zip(axes, sorted(panels, key=str)):
+        for method in ORDER:
+            pts = sorted(groups[panel].get(method, {}).items())
+            if len(pts) > 1:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        where, model, depth, size = panel
+        ax.set_title(f"{model} {size}{'' if depth is None else f' d{depth}'} ({where})",
+                     fontsize=9)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("training-step memory (GiB)")
+        ax.legend(fontsize=7)
+    _save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_memory_vs_depth(depth_rows, path) -> bool:
+    if not depth_rows:
+        return False
+    panels = sorted({(r["where"], r["model"], r["size"]) for r in depth_rows}, key=str)
+    plt, fig, axes = _grid(len(panels))
+    for ax, panel in zip(axes, panels):
+        for r in depth_rows:
+            if (r["where"], r["model"], r["size"]) == panel:
+                ax.plot(r["_depths"], [r[f"d{d} MiB/sample"] for d in r["_depths"]],
+                        marker="o", label=r["method"])
+        ax.set_title(f"{panel[1]} {panel[2]} ({panel[0]})", fontsize=9)
+        ax.set_xlabel("depth")
+        ax.set_ylabel("memory per sample (MiB)")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    _save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_throughput(cells, path) -> bool:
+    groups = collections.defaultdict(lambda: collections.defaultdict(dict))
+    for r in cells:
+        if r["kind"] == "speed" and "error" not in r:
+            groups[(_label(r), r["model"], r["depth"], r["size"])][r["method"]][r["batch"]] = (
+                r["samples_per_s"])
+    if not groups:
+        return False
+    panels = sorted(groups, key=str)
+    plt, fig, axes = _grid(len(panels))
+    for ax, panel in zip(axes, panels):
+        for method in ORDER:
+            pts = sorted(groups[panel].get(method, {}).items())
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        where, model, depth, size = panel
+        ax.set_title(f"{model} {size} ({where})", fontsize=9)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("samples / s")
+        ax.legend(fontsize=7)
+    _save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_speedup(speed_rows, path) -> bool:
+    rows = [r for r in speed_rows if "pareprop / reprop" in r]
+    if not rows:
+        return False
+    plt, fig, (ax,) = _grid(1)
+    labels = [f"{r['model']} b{r['batch']}\n{r['where']}" for r in rows]
+    ax.bar(range(len(rows)), [r["pareprop / reprop"] for r in rows])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=45, ha="right")
+    ax.set_ylabel("PaReprop speed / Reprop speed")
+    _save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def build(results: str, budget_gib: float) -> tuple[str, list[str]]:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench import load
+
+    cells = load(os.path.join(results, "cells.jsonl"))
+    mem, speed = memory_table(cells, budget_gib), speed_table(cells)
+    depth = depth_table(mem)
+    fw = framework_table(speed)
+    parts = [f"# Benchmark results ({len(cells)} cells)\n"]
+    for title, rows in [
+            (f"Memory per sample (slope over batch) and the largest batch in {budget_gib:g} "
+             "GiB", mem),
+            ("Memory per sample over depth", depth),
+            ("Throughput (samples/s, median of timed steps)", speed),
+            ("revtorch step time over revjax's (above 1: jax faster)", fw)]:
+        if rows:
+            parts.append(f"## {title}\n\n{table(_fmt(rows), _columns(rows))}\n")
+    errors = [r for r in cells if "error" in r]
+    if errors:
+        parts.append("## Cells that failed\n\n" + table(
+            [{"cell": r["key"], "error": r["error"][:120]} for r in errors],
+            ["cell", "error"]) + "\n")
+    figures = []
+    for name, draw in [("memory_vs_batch.png", lambda p: plot_memory_vs_batch(cells, p)),
+                       ("memory_vs_depth.png", lambda p: plot_memory_vs_depth(depth, p)),
+                       ("throughput_vs_batch.png", lambda p: plot_throughput(cells, p)),
+                       ("pareprop_speedup.png", lambda p: plot_speedup(speed, p))]:
+        if draw(os.path.join(results, name)):
+            figures.append(name)
+    return "\n".join(parts), figures
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--results", default="results/bench")
+    ap.add_argument("--budget-gib", type=float, default=80.0)
+    args = ap.parse_args(argv)
+    os.makedirs(args.results, exist_ok=True)
+    text, figures = build(args.results, args.budget_gib)
+    path = os.path.join(args.results, "report.md")
+    fd, tmp = tempfile.mkstemp(dir=args.results, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n" + "".join(f"![{n}]({n})\n" for n in figures))
+    os.replace(tmp, path)
+    print(text)
+    print("wrote", path, *figures)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
