@@ -40,6 +40,16 @@ def cores_busy(fn: Callable[[], object], calls: int) -> float:
     return (after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime) / wall
 
 
+def rel_err(got, want) -> float:
+    """``max|got - want| / max|want|`` (the project's tensor comparison), in float64."""
+    import numpy as np
+
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = np.max(np.abs(want)) if want.size else 0.0
+    diff = np.max(np.abs(got - want)) if want.size else 0.0
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
 def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     """A GitHub-markdown table."""
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]

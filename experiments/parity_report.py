@@ -5,7 +5,7 @@ For each model, dtype, depth and (jax mode, torch mode) pair, on the same weight
 depths, shown as depth None; token ids with a padding mask for RoBERTa, at depth 2): the forward
 outputs (the plain forward and the differentiated one) and the gradients (every parameter
 leaf, and the images: token ids are not differentiated), as ``max|jax - torch| / max|torch|``.
-The computation is the parity suite's (``parity_tests/common.py``); this prints it as a
+The computation is the parity suite's (``experiments/parity.py``); this prints it as a
 markdown table and writes ``results/parity.json``.
 
     python experiments/parity_report.py                 # all cases, ~6 min on 2 CPU cores
@@ -20,10 +20,10 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(1, os.path.dirname(HERE))  # the repository root: parity_tests
+sys.path.insert(1, os.path.dirname(HERE))  # the repository root: experiments.parity
 from common import atomic_write_json, environment, table  # noqa: E402
 
-from parity_tests import common as parity  # noqa: E402
+from experiments import parity  # noqa: E402
 
 COLUMNS = ("model", "dtype", "depth", "jax mode", "torch mode", "forward", "gradients",
            "worst leaf", "tol fwd/grad", "ok")

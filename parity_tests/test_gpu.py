@@ -7,7 +7,7 @@ The one speed assertion the design asks for (CONVENTIONS); skipped without CUDA.
 import pytest
 import torch
 
-from . import common
+from experiments import parity as common
 
 pytestmark = pytest.mark.gpu
 

@@ -1,5 +1,6 @@
-"""The cross-framework comparison, written once: the parity tests assert on it and
-``experiments/parity_report.py`` tabulates it.
+"""The cross-framework comparison, written once: the parity tests (``parity_tests/``) assert
+on it and ``experiments/parity_report.py`` (``python -m experiments.bench parity``) tabulates
+it.
 
 A case is (model, dtype, depth). Its two models hold the same weights: the revtorch model is
 built from torch's seed and loaded into the revjax model with ``revjax.interop.torch``. Both
@@ -33,7 +34,7 @@ from flax import nnx
 import revjax
 import revtorch
 from revjax.interop.torch import from_torch, state_from_torch
-from tests.helpers import rel_err
+from experiments.common import rel_err
 
 MODELS = ("rev-vit-test", "vit-test")
 DTYPES = ("float32", "float64")
