@@ -1,6 +1,5 @@
 """Comparisons shared by the test suites: ``max|a - b| / max|a|`` (CONVENTIONS)."""
 
-
 from experiments.common import rel_err  # noqa: F401 (re-exported for the suites)
 
 
