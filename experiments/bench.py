@@ -24,13 +24,17 @@ A model is named by its family variant (``vit-b``, ``swin-t``, ``mvit-b``, ``rob
 
 Measures, per cell (one method at one batch size, depth, input size and dtype):
 
-* memory, ``--backend cpu`` (jax): XLA's compiled memory analysis of the library's training
-  step (``revjax.train.make_train_step``: gradient, clipping, AdamW), exact with no run;
-  ``gpu-compile``: the same compiled for an H200 without a GPU (needs the ``gpu-compile``
-  extra); ``gpu``: the compiled analysis on the device plus its peak bytes in use. torch on
-  CPU: bytes the forward leaves allocated for the backward (the CPU allocator, through
-  ``torch.profiler``; saved tensors and selective checkpointing's stored outputs alike) plus
-  parameters, gradients and AdamW state; on CUDA ``max_memory_allocated`` of a step.
+* memory, ``--backend cpu`` (jax): XLA's compiled memory analysis of the training loss's
+  gradient function (parameters and batch in, gradients out, the activations as its
+  temporaries), exact with no run, plus AdamW's two moments; ``gpu-compile``: the same
+  compiled for an H200 without a GPU (needs the ``gpu-compile`` extra); ``gpu``: the
+  compiled analysis on the device, and the device's peak bytes in use over the library's
+  training step (``revjax.train.make_train_step``). torch on CPU: bytes the forward leaves
+  allocated for the backward (the CPU allocator, through ``torch.profiler``; saved tensors
+  and selective checkpointing's stored outputs alike) plus parameters, gradients and AdamW's
+  moments; on CUDA ``max_memory_allocated`` of a training step. (The optimizer update's own
+  temporaries are left out on CPU: at small batch they are larger than a reversible model's
+  activations and would hide them; the GPU peak includes them.)
 * speed: samples per second of the training step (median of timed steps after warm-up,
   with the quartiles; the methods of one config run round-robin, so drift hits all alike).
 
@@ -160,9 +164,8 @@ def _jax_batch(cell: Cell, config, *, abstract: bool):
             jax.random.randint(key, (b,), 0, config.num_classes))
 
 
-def jax_step(cell: Cell, *, abstract: bool, compiler_options: dict | None = None):
-    """(jitted train step, state, batch) for ``cell``: the library's own step (AdamW)."""
-    import jax
+def _jax_model(cell: Cell, *, abstract: bool, optimizer: bool):
+    """(model, optimizer or None) for ``cell``; ``abstract``: shapes only, nothing allocated."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -176,19 +179,59 @@ def jax_step(cell: Cell, *, abstract: bool, compiler_options: dict | None = None
 
     def build():
         model = revjax.models.build(cell.name(), rngs=nnx.Rngs(0), mode=cell.mode(), **over)
-        return model, train.create_optimizer(model, tx)
+        return model, (train.create_optimizer(model, tx) if optimizer else None)
 
-    model, optimizer = nnx.eval_shape(build) if abstract else build()
+    model, opt = nnx.eval_shape(build) if abstract else build()
     if cell.method in REMAT:
         revjax.set_remat(model, REMAT[cell.method])
+    return model, opt
+
+
+def jax_step(cell: Cell):
+    """(jitted train step, state, batch) for ``cell``: the library's own step (AdamW)."""
+    from flax import nnx
+
+    from revjax import train
+
+    model, optimizer = _jax_model(cell, abstract=False, optimizer=True)
     graphdef, state = nnx.split((model, optimizer))
     step = train.make_train_step(graphdef, task="mlm" if cell.text else "classification",
-                                 mode=cell.mode(), donate=True,
-                                 compiler_options=compiler_options)
-    return step, state, _jax_batch(cell, model.config, abstract=abstract)
+                                 mode=cell.mode(), donate=True)
+    return step, state, _jax_batch(cell, model.config, abstract=False)
+
+
+def jax_grad_fn(cell: Cell, compiler_options: dict | None = None):
+    """(jitted gradient of the training loss, abstract params, abstract batch)."""
+    import jax
+    from flax import nnx
+
+    import revjax.core
+    from revjax import train
+
+    model, _ = _jax_model(cell, abstract=True, optimizer=False)
+    graphdef, params = nnx.split(model)
+    task = "mlm" if cell.text else "classification"
+
+    def grads(params, batch):
+        loss = lambda p: train.compute_loss(nnx.merge(graphdef, p), batch, task=task,
+                                            mode=cell.mode())
+        return jax.grad(loss)(params)
+
+    options = revjax.core.compiler_options() if compiler_options is None else compiler_options
+    return (jax.jit(grads, compiler_options=options), params,
+            _jax_batch(cell, model.config, abstract=True))
+
+
+def _param_bytes(params) -> int:
+    import jax
+
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
 
 
 def jax_memory(cell: Cell) -> dict:
+    """The gradient function's compiled memory (parameters and batch in, gradients out,
+    temporaries: the activations) plus AdamW's two moments: a training step's footprint
+    without the update phase, whose temporaries hide the activations at small batch."""
     import jax
 
     import revjax.core
@@ -199,28 +242,28 @@ def jax_memory(cell: Cell) -> dict:
         from revjax import gpu
 
         options = {**revjax.core.compiler_options("cuda"), **DEVICELESS_OPTIONS}
-        step, state, batch = jax_step(cell, abstract=True, compiler_options=options)
-        args = gpu.abstract((state, batch), gpu.topology("h200"))
+        fn, params, batch = jax_grad_fn(cell, options)
+        args = gpu.abstract((params, batch), gpu.topology("h200"))
         saved, revjax.core.GPU_STREAMS = revjax.core.GPU_STREAMS, cell.method.endswith(
             "+streams")
         try:
-            compiled = step.trace(*args, None).lower().compile()
+            compiled = fn.trace(*args).lower().compile()
         finally:
             revjax.core.GPU_STREAMS = saved
     else:
-        step, state, batch = jax_step(cell, abstract=True)
-        compiled = step.lower(state, batch, None).compile()
+        fn, params, batch = jax_grad_fn(cell)
+        compiled = fn.lower(params, batch).compile()
     m = compiled.memory_analysis()
     out = {"temp_bytes": m.temp_size_in_bytes, "argument_bytes": m.argument_size_in_bytes,
-           "output_bytes": m.output_size_in_bytes, "alias_bytes": m.alias_size_in_bytes}
-    out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
-                          + out["temp_bytes"])
+           "output_bytes": m.output_size_in_bytes, "moments_bytes": 2 * _param_bytes(params)}
+    out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+                          + out["moments_bytes"])
     if cell.backend == "gpu":
-        dev = jax.devices()[0]
-        step, state, batch = jax_step(cell, abstract=False)
-        state, _ = step(state, batch, None)
-        jax.block_until_ready(state)
-        stats = dev.memory_stats() or {}
+        step, state, batch = jax_step(cell)
+        for _ in range(2):
+            state, metrics = step(state, batch, None)
+        jax.block_until_ready(metrics)
+        stats = jax.devices()[0].memory_stats() or {}
         out["device_peak_bytes"] = stats.get("peak_bytes_in_use")
     return out
 
@@ -228,7 +271,7 @@ def jax_memory(cell: Cell) -> dict:
 def jax_runner(cell: Cell) -> Callable[[], None]:
     import jax
 
-    step, state, batch = jax_step(cell, abstract=False)
+    step, state, batch = jax_step(cell)
     holder = [state]
 
     def run():

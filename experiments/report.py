@@ -27,9 +27,9 @@ ORDER = ("standard", "remat", "remat-dots", "rev-backprop", "reprop", "pareprop"
 
 
 def measure(row: dict) -> float | None:
-    """The training-step bytes of a memory cell: the device's peak where it ran on one,
-    else the compiled total (jax) or kept + state bytes (torch, CPU)."""
-    for k in ("device_peak_bytes", "total_bytes"):
+    """The training-step bytes of a memory cell: the compiled gradient function plus the
+    optimizer moments (jax), or kept + state bytes (torch on CPU), or the device's peak."""
+    for k in ("total_bytes", "device_peak_bytes"):
         if row.get(k) is not None:
             return float(row[k])
     return None
