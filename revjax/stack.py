@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from typing import Callable
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from .core import (MODES, RebuildError, _anchor_every, _check_options, _stream_dtype,
-                   check_rebuild, report_rebuild, reversible)
+                   check_rebuild, rebuild_errors, report_rebuild, reversible)
 
 
 def stacked(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs):
@@ -21,7 +22,22 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs):
     def create(rngs):
         return make(rngs)
 
-    return create(rngs)
+    layers = create(rngs)
+    for _, var in nnx.iter_graph(layers):  # so that per-layer rules (weight decay) see axis 0
+        if isinstance(var, nnx.Variable):
+            var.set_metadata(**{STACKED: True})
+    return layers
+
+
+STACKED = "stacked_layers"  # Variable metadata: the leading axis is a stack's depth axis
+
+
+def layer_ndim(var) -> int:
+    """The number of dimensions of one layer's slice of ``var`` (an ``nnx.Variable`` or an
+    array): its ``ndim``, less the depth axis of a ``RevStack``/``ResidualStack``."""
+    value = var.value if isinstance(var, nnx.Variable) else var
+    stacked = isinstance(var, nnx.Variable) and var.get_metadata().get(STACKED, False)
+    return value.ndim - int(bool(stacked))
 
 
 def _stateless_fn(module: nnx.Module, name: str):
@@ -120,26 +136,42 @@ class _Checks:
 
     def __init__(self, threshold, on_error):
         _check_options(threshold, on_error)
-        self.threshold, self.on_error, self.reports = threshold, on_error, []
+        self.threshold, self.on_error, self.reports, self.calls = threshold, on_error, [], 0
 
     def check(self, stack, x1, x2, shared, per_layer):
-        n = len(self.reports)
-        try:
-            errors = stack.check_rebuild(x1, x2, *shared, per_layer=per_layer,
-                                         threshold=np.inf)
-        except RebuildError as e:  # only for a non-finite error; reported below
-            errors = e.errors
-        self.reports.append({"call": n, "depth": stack.depth, "errors": errors})
+        n, self.calls = self.calls, self.calls + 1
+        if not any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves((x1, x2))):
+            try:
+                errors = stack.check_rebuild(x1, x2, *shared, per_layer=per_layer,
+                                             threshold=np.inf)
+            except RebuildError as e:  # only for a non-finite error; reported below
+                errors = e.errors
+            return self.report(n, stack.depth, errors)
+        # traced (under jax.jit): the errors are computed in the program and reported
+        # from it when it runs
+        f, state_f = _stateless_fn(stack.f, "F")
+        g, state_g = _stateless_fn(stack.g, "G")
+        errors = rebuild_errors(f, g, state_f, state_g, x1, x2, shared, per_layer,
+                                stream_dtype=stack.stream_dtype, anchor_every=stack.anchor_every)
+        jax.debug.callback(partial(self.report, n, stack.depth), jax.lax.stop_gradient(errors))
+
+    def report(self, n, depth, errors):
+        errors = np.asarray(errors)
+        self.reports.append({"call": n, "depth": depth, "errors": errors})
         report_rebuild(errors, self.threshold, self.on_error, f" (RevStack call {n})",
                        stacklevel=5)
 
 
 @contextlib.contextmanager
 def check_rebuilds(threshold: float = 1e-2, on_error: str = "raise"):
-    """A check mode for whole models: inside the block, every ``RevStack`` call (eager, not
-    under ``jax.jit``) first checks its rebuild (``RevStack.check_rebuild``) and raises
-    ``RebuildError`` or warns, naming the call (in order, from 0) and the layer. Yields the
-    list of reports, one dict per call: ``call``, ``depth``, ``errors`` (per layer)."""
+    """A check mode for whole models: inside the block, every ``RevStack`` call first checks
+    its rebuild (``RevStack.check_rebuild``) and raises ``RebuildError`` or warns, naming the
+    call (numbered in call order from 0) and the layer. Yields the list of reports, one dict
+    per call: ``call``, ``depth``, ``errors`` (per layer). A call traced inside the block (a
+    function jitted there) computes the errors in the program and reports them through
+    ``jax.debug.callback`` each time it runs (a raise then surfaces as jax's runtime error
+    carrying the message; the program keeps reporting to this block's list if reused after
+    it); programs traced outside the block are not checked."""
     checks = _Checks(threshold, on_error)
     _CHECKS.append(checks)
     try:

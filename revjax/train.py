@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from .core import compiler_options
+from .stack import layer_ndim
 from .mlm import mlm_loss
 
 TASKS = ("classification", "mlm")
@@ -53,15 +54,38 @@ def make_optimizer(learning_rate: float, total_steps: int, *, warmup_steps: int 
     """AdamW whose learning rate rises linearly from 0 over ``warmup_steps`` (default 10% of
     ``total_steps``) to ``learning_rate`` and decays by a cosine to ``end_learning_rate`` at
     ``total_steps``; gradients are clipped to global norm ``clip_norm`` first (None: no
-    clipping). Weight decay applies to matrices only (ndim >= 2), not biases/norm scales."""
+    clipping). Weight decay applies to matrices only (a layer's ndim >= 2, the depth axis of
+    stacked layers not counted), not to biases or norm scales, as ``revtorch.train``."""
     if total_steps < 1:
         raise ValueError(f"total_steps must be positive, got {total_steps}")
     schedule = _schedule(learning_rate, total_steps, warmup_steps, end_learning_rate)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-    adamw = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=decay_mask)
+    adamw = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay,
+                        mask=_LayerMatrices())
     if clip_norm is None:
         return adamw
     return optax.chain(optax.clip_by_global_norm(clip_norm), adamw)
+
+
+class _LayerMatrices:
+    """Weight-decay mask: True for leaves whose layer slice is a matrix (``layer_ndim >= 2``).
+
+    optax calls it with the ``nnx.Variable`` s at ``init`` (their metadata marks stacked
+    layers) and with plain arrays at ``update``; the flags found at ``init`` are kept per tree
+    structure for the updates (without them: ``ndim >= 2``)."""
+
+    def __init__(self):
+        self.flags: dict = {}
+
+    def __call__(self, tree):
+        is_var = lambda x: isinstance(x, nnx.Variable)
+        leaves, treedef = jax.tree.flatten(tree, is_leaf=is_var)
+        if any(map(is_var, leaves)):
+            flags = [layer_ndim(x) >= 2 for x in leaves]
+            plain = jax.tree.structure(jax.tree.map(lambda v: v.value, tree, is_leaf=is_var))
+            self.flags[plain] = flags
+            return treedef.unflatten(flags)
+        flags = self.flags.get(treedef) or [jnp.ndim(x) >= 2 for x in leaves]
+        return treedef.unflatten(flags)
 
 
 def create_optimizer(model: nnx.Module, tx: optax.GradientTransformation) -> nnx.Optimizer:

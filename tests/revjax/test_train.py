@@ -269,3 +269,29 @@ def test_data_parallel_and_fsdp_on_8_devices_match_one_device():
     assert out["steps"]["explicit fsdp"]["eval_count"] == 8.0
     assert out["cli_fsdp"]["params"] <= 1e-9 and out["cli_fsdp"]["eval_loss"] <= 1e-9
     assert "AxisType.Manual" in out["manual_error"], out["manual_error"]
+
+
+@pytest.mark.parametrize("name", ["rev-vit-test", "vit-test", "rev-swin-test"])
+def test_weight_decay_skips_biases_and_norm_scales_of_stacked_layers(name):
+    """With zero gradients one AdamW step is pure weight decay: matrices shrink by
+    ``lr * wd``, biases and norm scales (per layer 1-D, stacked 2-D) stay as they were."""
+    model = revjax.models.build(name, rngs=nnx.Rngs(0))
+    tx = T.make_optimizer(0.1, total_steps=10, warmup_steps=0, weight_decay=0.5,
+                              clip_norm=None)
+    optimizer = T.create_optimizer(model, tx)
+    before = nnx.state(model, nnx.Param)
+    before = jax.tree.map(lambda x: np.array(x), before)
+    optimizer.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+    after = nnx.state(model, nnx.Param)
+    decayed = kept = 0
+    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(before),
+                                 jax.tree_util.tree_leaves_with_path(after)):
+        leaf = jax.tree_util.keystr(path)
+        if any(k in leaf for k in ("['bias']", "['scale']")):
+            np.testing.assert_array_equal(np.asarray(b), a, err_msg=leaf)
+            kept += 1
+        else:
+            np.testing.assert_allclose(np.asarray(b), a * (1 - 0.1 * 0.5), rtol=1e-6,
+                                       err_msg=leaf)
+            decayed += 1
+    assert decayed and kept
