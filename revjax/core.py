@@ -390,7 +390,7 @@ def _reversible_bwd(f, g, mode, anchor_every, saved, dy):
 def _backward(f, g, mode, anchor_every, saved, dy):
     (y1, y2), anchors, params_f, params_g, shared, per_layer = saved
     depth = jax.tree.leaves((params_f, params_g))[0].shape[0]
-    anchor = lambda i: _anchor_at(anchors, i, anchor_every)  # noqa: E731
+    anchor = lambda i: _anchor_at(anchors, i, anchor_every)
     layer = lambda i: (_at(params_f, i), _at(params_g, i), _at(per_layer, i))
     zeros = lambda t: jax.tree.map(jnp.zeros_like, t)
     grads0 = (zeros(params_f), zeros(params_g))

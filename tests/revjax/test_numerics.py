@@ -237,7 +237,10 @@ def test_model_options_and_check_mode():
         assert tree_rel_err(gfn(params, x, y, mode, None), want) <= 1e-4
     with revjax.check_rebuilds(threshold=1e-3) as reports:
         model(x)
-    assert [r["call"] for r in reports] == [0] and reports[0]["errors"].shape == (4,)
+        # traced in the block: the same errors, reported from the running program
+        jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, x)
+    assert [r["call"] for r in reports] == [0, 1] and reports[0]["errors"].shape == (4,)
+    np.testing.assert_allclose(reports[1]["errors"], reports[0]["errors"], atol=1e-6)
     with revjax.check_rebuilds(threshold=1e-30) as reports, pytest.raises(
             revjax.RebuildError, match=r"\(RevStack call 0\).*layer"):
         abstract_and_eager = nnx.merge(graphdef, params)
