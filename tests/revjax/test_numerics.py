@@ -51,7 +51,7 @@ def steep_grads(pf, pg, x, mode, **options):
 
 # --------------------------------------------------------------------- the policy
 
-@pytest.mark.parametrize("depth", [1, 2, 3, 6])
+@pytest.mark.parametrize("depth", [1, 3, 6])
 def test_policy_gradients_match_backprop_float64_streams(depth):
     """float32 halves on float64 streams: every mode's gradients equal backprop's (same
     policy) to float32 rounding (the parameters and their gradients are float32)."""
@@ -64,7 +64,7 @@ def test_policy_gradients_match_backprop_float64_streams(depth):
             assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(got))
 
 
-@pytest.mark.parametrize("depth", [1, 3, 7])
+@pytest.mark.parametrize("depth", [2, 7])
 def test_policy_bf16_halves_float32_streams(depth):
     """bfloat16 halves: with float32 streams reprop/pareprop equal backprop (same policy) to
     the float32 tolerance; all-bfloat16 they drift by far more (the policy is what helps)."""
