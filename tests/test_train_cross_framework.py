@@ -3,12 +3,11 @@ with revjax.interop.torch), float64: AdamW (weight decay 0.05) with the warm-up/
 schedule and clipping at 1.0 on the same digits batches, Rev-ViT-test in pareprop. The loss
 curves, gradient norms and final parameters agree to 1e-9 relative.
 
-The jax side is optax's clip + AdamW as revjax.train.make_optimizer chains them, with two
-differences from that function, which the last test (an expected failure) shows matter:
-revjax.train's schedule is float32 under x64 (optax's warmup_cosine_decay_schedule: 4e-8
-relative in the learning rate) and its decay mask ``ndim >= 2`` also decays the biases and
-LayerNorm scales of a reversible stack (stacked on a leading depth axis); revtorch.train
-decays a parameter when the layer's own tensor is a matrix. Its cross-entropy is float32."""
+The jax side is optax's clip + AdamW as revjax.train.make_optimizer chains them (decay where
+the layer's own tensor is a matrix), with a float64 schedule and loss: revjax.train's
+schedule is float32 under x64 (optax's warmup_cosine_decay_schedule: 4e-8 relative in the
+learning rate) and its cross-entropy is float32, which the last test (an expected failure)
+shows matter."""
 
 import os
 import sys
@@ -128,8 +127,8 @@ def test_loss_curves_agree_from_the_same_initial_weights(runs):
     assert err <= 1e-9 and moved > 1e-3  # 4 updates of learning rate ~3e-3
 
 
-@pytest.mark.xfail(strict=True, reason="revjax.train: float32 schedule under x64, weight "
-                   "decay on a reversible stack's biases and LayerNorm scales, float32 loss")
+@pytest.mark.xfail(strict=True, reason="revjax.train: float32 schedule under x64 and float32 "
+                   "cross-entropy")
 def test_revjax_train_step_agrees_in_float64(runs):
     init, _, t_hist = runs
     _, j_hist = jax_run(init, float64_loss=False)
