@@ -23,6 +23,10 @@ BASE = ["--framework", "torch", "--model", "rev-vit-test", "--img-size", "8",
         "--patch-size", "4", "--depth", "2", "--batch-size", "16", "--dtype", "float64",
         "--data", "digits", "--steps", "4", "--clip", "0.5", "--eval-every", "100",
         "--ckpt-every", "2", "--no-progress"]
+MLM = ["--framework", "torch", "--model", "rev-roberta-test", "--data", "stdlib-docstrings",
+       "--seq-len", "16", "--depth", "2", "--batch-size", "16", "--dtype", "float64",
+       "--steps", "4", "--eval-every", "100", "--ckpt-every", "4", "--mode", "pareprop",
+       "--no-progress"]
 MODES = ("backprop", "reprop", "pareprop")
 # --standalone: a rendezvous on a free local port
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -53,13 +57,13 @@ def _nan_data(path: str) -> None:
              test_labels=labels[:16])
 
 
-def test_ddp_and_fsdp_equal_one_process_in_every_mode(tmp_path):
+def test_ddp_and_fsdp_equal_one_process_in_every_mode(tmp_path, monkeypatch):
     nan_path = str(tmp_path / "nan.npz")
     _nan_data(nan_path)
     root = tmp_path / "dist"
     proc = subprocess.run(
         TORCHRUN + [os.path.join(ROOT, "tests", "torchrun_train_worker.py"), str(root),
-                    json.dumps(BASE), nan_path],
+                    json.dumps(BASE), nan_path, json.dumps(MLM)],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rcs = [json.loads((root / f"rc_{r}.json").read_text()) for r in (0, 1)]
@@ -96,6 +100,14 @@ def test_ddp_and_fsdp_equal_one_process_in_every_mode(tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert ((root / f"{par}_pareprop" / "metrics.jsonl").read_text()
                 == (root / f"{par}_split" / "metrics.jsonl").read_text())
+    # MLM under DDP: the ranks' losses weighted by their predicted tokens
+    from tests.torchrun_train_worker import few_docstrings
+    monkeypatch.setattr(data_lib, "stdlib_docstrings", few_docstrings)
+    cli.train(MLM + ["--out", str(tmp_path / "one_mlm")])
+    err = rel_diff(train_torch.final_state_dict(str(tmp_path / "one_mlm")),
+                   train_torch.final_state_dict(str(root / "mlm")))
+    print(f"dp mlm: parameters max rel diff {err:.1e}")
+    assert err <= 1e-9
     # another process count: refused on both ranks, the run left as it was
     assert rcs[0]["three"] == 2
     assert "written by 3 process(es); resume it with as many, not 2" in proc.stderr
