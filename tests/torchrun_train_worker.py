@@ -1,7 +1,7 @@
 """Run under torchrun by tests/test_train_cli_torch_dist.py (not a test module itself):
 ``experiments/train.py --framework torch`` with ``--parallel dp`` and ``fsdp`` in every mode,
-an MLM run under DDP, a stopped and resumed run of each, a resume with another process count and a non-finite
-loss on one rank's shard. Every rank records what ``cli.main`` returned."""
+an MLM run under DDP, a stopped and resumed run of each, a resume with another process count
+and a non-finite loss on one rank's shard. Every rank records what ``cli.main`` returned."""
 
 import json
 import os
