@@ -143,6 +143,33 @@ def framework_table(speed: list[dict]) -> list[dict]:
     return out
 
 
+def headline_table(mem: list[dict], where: str) -> list[dict]:
+    """One row per model (default depth): memory per sample of each method, the reversible
+    saving over the standard twin and over remat, and the largest batch in the budget."""
+    by = collections.defaultdict(dict)
+    for r in mem:
+        if r["where"] == where and r["depth"] is None and r["dtype"] == "float32":
+            by[(r["model"], r["size"])][r["method"]] = r
+    streams = any("pareprop+streams" in m for m in by.values())
+    out = []
+    for (model, size), m in sorted(by.items()):
+        mib = lambda k: m[k]["MiB/sample"] if k in m else None
+        ratio = lambda a, b: mib(a) / mib(b) if mib(a) and mib(b) else None
+        row = {"model": f"{model} ({size})"}
+        methods = ["standard", "remat", "reprop", "pareprop"]
+        if streams:
+            methods.append("pareprop+streams")
+        for k in methods:
+            row[f"{k} MiB/sample"] = mib(k)
+        row["standard / reprop"] = ratio("standard", "reprop")
+        row["standard / pareprop"] = ratio("standard", "pareprop")
+        row["remat / reprop"] = ratio("remat", "reprop")
+        for k in ("standard", "remat", "reprop", "pareprop"):
+            row[f"max batch {k}"] = m[k]["max batch"] if k in m else None
+        out.append(row)
+    return out
+
+
 def _fmt(rows: list[dict]) -> list[dict]:
     def f(v):
         if isinstance(v, float):
@@ -285,6 +312,11 @@ def build(results: str, budget_gib: float) -> tuple[str, list[str]]:
     depth = depth_table(mem)
     fw = framework_table(speed)
     parts = [f"# Benchmark results ({len(cells)} cells)\n"]
+    for where in sorted({r["where"] for r in mem}):
+        rows = headline_table(mem, where)
+        if rows:
+            parts.append(f"## Headline, {where}: memory per sample (MiB), largest batch in "
+                         f"{budget_gib:g} GiB\n\n{table(_fmt(rows), _columns(rows))}\n")
     for title, rows in [
             (f"Memory per sample (slope over batch) and the largest batch in {budget_gib:g} "
              "GiB", mem),
