@@ -39,9 +39,9 @@ TASKS = ("classification", "mlm")
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy over the batch, computed in float32."""
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), labels).mean()
+    """Mean softmax cross-entropy over the batch, computed in float32 (or wider)."""
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(dtype), labels).mean()
 
 
 # ----------------------------------------------------------------------- optimizer
@@ -107,8 +107,16 @@ def _schedule(learning_rate: float, total_steps: int, warmup_steps: int | None,
     warmup = max(1, total_steps // 10) if warmup_steps is None else warmup_steps
     if not 0 <= warmup < total_steps:
         raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}), got {warmup}")
-    return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, total_steps,
-                                              end_learning_rate)
+    def schedule(count):
+        # optax.warmup_cosine_decay_schedule(0, lr, warmup, total, end), in the default float
+        # dtype (float64 under x64: optax's is float32 there)
+        c = jnp.asarray(count, jnp.result_type(float))
+        t = jnp.clip((c - warmup) / (total_steps - warmup), 0.0, 1.0)
+        cosine = end_learning_rate + (learning_rate - end_learning_rate) * 0.5 * (
+            1.0 + jnp.cos(jnp.pi * t))
+        return jnp.where(c < warmup, learning_rate * c / max(warmup, 1), cosine)
+
+    return schedule
 
 
 # ------------------------------------------------------------------------- losses

@@ -127,8 +127,6 @@ def test_loss_curves_agree_from_the_same_initial_weights(runs):
     assert err <= 1e-9 and moved > 1e-3  # 4 updates of learning rate ~3e-3
 
 
-@pytest.mark.xfail(strict=True, reason="revjax.train: float32 schedule under x64 and float32 "
-                   "cross-entropy")
 def test_revjax_train_step_agrees_in_float64(runs):
     init, _, t_hist = runs
     _, j_hist = jax_run(init, float64_loss=False)

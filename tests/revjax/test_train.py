@@ -295,3 +295,13 @@ def test_weight_decay_skips_biases_and_norm_scales_of_stacked_layers(name):
                                        err_msg=leaf)
             decayed += 1
     assert decayed and kept
+
+
+@pytest.mark.parametrize("warmup, end", [(3, 0.0), (0, 1e-4), (1, 0.0)])
+def test_schedule_is_optax_warmup_cosine_and_float64_under_x64(warmup, end):
+    ref = optax.warmup_cosine_decay_schedule(0.0, 2e-3, warmup, 20, end)
+    ours = T._schedule(2e-3, 20, warmup, end)
+    for step in range(0, 23):
+        np.testing.assert_allclose(float(ours(step)), float(ref(step)), rtol=1e-6, atol=1e-12)
+    with jax.enable_x64(True):
+        assert ours(jnp.asarray(5)).dtype == jnp.float64
