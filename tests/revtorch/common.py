@@ -110,3 +110,27 @@ def saved_bytes(loss_fn, exclude=()) -> int:
         loss = loss_fn()
     loss.backward()
     return total
+
+
+def run_gloo_workers(worker, what: str, nprocs: int = 2, timeout: float = 300.0):
+    """Run ``worker(rank, nprocs, store, out)`` in ``nprocs`` spawned processes (the workers
+    init a gloo group from the file ``store``; rank 0 ``torch.save`` s its result to
+    ``out``) and return that result. A worker that fails raises here; workers still running
+    after ``timeout`` seconds are killed and raise ``TimeoutError`` naming ``what``."""
+    import os
+    import tempfile
+    import time
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store, out = os.path.join(tmp, "store"), os.path.join(tmp, "result.pt")
+        procs = mp.start_processes(worker, args=(nprocs, store, out), nprocs=nprocs,
+                                   join=False)
+        deadline = time.monotonic() + timeout
+        while not procs.join(timeout=5):  # raises if a worker failed
+            if time.monotonic() > deadline:
+                for p in procs.processes:
+                    p.kill()
+                raise TimeoutError(f"{what} workers did not finish within {timeout:.0f} s")
+        return torch.load(out)

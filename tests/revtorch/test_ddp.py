@@ -2,14 +2,13 @@
 accumulated inside the reversible backward, are all-reduced exactly like backprop's."""
 
 import os
-import tempfile
-import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import revtorch
+
+from .common import run_gloo_workers
 
 
 def _worker(rank: int, world: int, store: str, out: str) -> None:
@@ -35,16 +34,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 
 def test_ddp_gloo_two_processes_all_modes_agree():
-    with tempfile.TemporaryDirectory() as tmp:
-        store, out = os.path.join(tmp, "store"), os.path.join(tmp, "grads.pt")
-        procs = mp.start_processes(_worker, args=(2, store, out), nprocs=2, join=False)
-        deadline = time.monotonic() + 300
-        while not procs.join(timeout=5):  # raises if a worker failed
-            if time.monotonic() > deadline:
-                for p in procs.processes:
-                    p.kill()
-                raise TimeoutError("DDP workers did not finish within 300 s")
-        grads = torch.load(out)
+    grads = run_gloo_workers(_worker, "DDP")
     ref = grads["backprop"]
     for mode in ("reprop", "pareprop"):
         for name, g in grads[mode].items():

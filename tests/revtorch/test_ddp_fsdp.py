@@ -5,14 +5,13 @@ starts its forward, at most one other half (reprop) or two (pareprop: layer i's 
 layer i-1's rebuild) hold unsharded parameters, and none after the backward."""
 
 import os
-import tempfile
-import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import revtorch
+
+from .common import run_gloo_workers
 
 DEPTH = 4
 
@@ -67,16 +66,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
 
 
 def test_fsdp2_gloo_reprop_pareprop_gradients_and_resharding():
-    with tempfile.TemporaryDirectory() as tmp:
-        store, out = os.path.join(tmp, "store"), os.path.join(tmp, "res.pt")
-        procs = mp.start_processes(_worker, args=(2, store, out), nprocs=2, join=False)
-        deadline = time.monotonic() + 300
-        while not procs.join(timeout=5):  # raises if a worker failed
-            if time.monotonic() > deadline:
-                for p in procs.processes:
-                    p.kill()
-                raise TimeoutError("FSDP workers did not finish within 300 s")
-        res = torch.load(out)
+    res = run_gloo_workers(_worker, "FSDP")
     print(res)
     for mode, r in res.items():
         assert r["err"] <= 1e-9, (mode, r)
