@@ -59,7 +59,7 @@ from typing import Callable
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # `--backend gpu` sets it to cuda itself
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import atomic_write_json, environment, table  # noqa: E402
+from common import environment, table  # noqa: E402
 
 METHODS = ("standard", "remat", "remat-dots", "rev-backprop", "reprop", "pareprop")
 GPU_METHODS = METHODS + ("pareprop+streams",)

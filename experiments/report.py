@@ -193,6 +193,7 @@ def _save_figure(fig, path: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".png")
     os.close(fd)
     try:
+        fig.tight_layout()
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
         os.replace(tmp, path)
     except BaseException:
@@ -214,75 +215,59 @@ def _grid(n: int):
     return plt, fig, list(axes.flat)
 
 
-def plot_memory_vs_batch(cells, path) -> bool:
-    groups = collections.defaultdict(lambda: collections.defaultdict(dict))
-    for r in cells:
-        if r["kind"] == "memory" and "error" not in r and measure(r) is not None:
-            panel = (_label(r), r["model"], r["depth"], r["size"])
-            groups[panel][r["method"]][r["batch"]] = measure(r) / GiB
-    panels = [p for p, m in groups.items() if any(len(v) > 1 for v in m.values())]
+def _line_panels(panels: dict, path: str, xlabel: str, ylabel: str, *, min_points: int = 1,
+                 log: bool = False) -> bool:
+    """One subplot per panel title, one line per method (``{title: {method: {x: y}}}``)."""
+    panels = {t: m for t, m in panels.items()
+              if any(len(pts) >= min_points for pts in m.values())}
     if not panels:
         return False
     plt, fig, axes = _grid(len(panels))
-    for ax, panel in zip(axes, sorted(panels, key=str)):
+    for ax, title in zip(axes, sorted(panels)):
         for method in ORDER:
-            pts = sorted(groups[panel].get(method, {}).items())
-            if len(pts) > 1:
-                ax.plot(*zip(*pts), marker="o", label=method)
-        where, model, depth, size = panel
-        ax.set_title(f"{model} {size}{'' if depth is None else f' d{depth}'} ({where})",
-                     fontsize=9)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("training-step memory (GiB)")
+            pts = sorted(panels[title].get(method, {}).items())
+            if len(pts) >= min_points:
+                ax.plot(*zip(*pts), marker="o", label=method, color=f"C{ORDER.index(method)}")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
         ax.legend(fontsize=7)
     _save_figure(fig, path)
     plt.close(fig)
     return True
+
+
+def _nested():
+    return collections.defaultdict(lambda: collections.defaultdict(dict))
+
+
+def plot_memory_vs_batch(cells, path) -> bool:
+    panels = _nested()
+    for r in cells:
+        if r["kind"] == "memory" and "error" not in r and measure(r) is not None:
+            depth = "" if r["depth"] is None else f" d{r['depth']}"
+            title = f"{r['model']} {r['size']}{depth} ({_label(r)})"
+            panels[title][r["method"]][r["batch"]] = measure(r) / GiB
+    return _line_panels(panels, path, "batch size", "training-step memory (GiB)", min_points=2)
 
 
 def plot_memory_vs_depth(depth_rows, path) -> bool:
-    if not depth_rows:
-        return False
-    panels = sorted({(r["where"], r["model"], r["size"]) for r in depth_rows}, key=str)
-    plt, fig, axes = _grid(len(panels))
-    for ax, panel in zip(axes, panels):
-        for r in depth_rows:
-            if (r["where"], r["model"], r["size"]) == panel:
-                ax.plot(r["_depths"], [r[f"d{d} MiB/sample"] for d in r["_depths"]],
-                        marker="o", label=r["method"])
-        ax.set_title(f"{panel[1]} {panel[2]} ({panel[0]})", fontsize=9)
-        ax.set_xlabel("depth")
-        ax.set_ylabel("memory per sample (MiB)")
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    _save_figure(fig, path)
-    plt.close(fig)
-    return True
+    panels = _nested()
+    for r in depth_rows:
+        title = f"{r['model']} {r['size']} ({r['where']})"
+        panels[title][r["method"]] = {d: r[f"d{d} MiB/sample"] for d in r["_depths"]}
+    return _line_panels(panels, path, "depth", "memory per sample (MiB)", log=True)
 
 
 def plot_throughput(cells, path) -> bool:
-    groups = collections.defaultdict(lambda: collections.defaultdict(dict))
+    panels = _nested()
     for r in cells:
         if r["kind"] == "speed" and "error" not in r:
-            groups[(_label(r), r["model"], r["depth"], r["size"])][r["method"]][r["batch"]] = (
-                r["samples_per_s"])
-    if not groups:
-        return False
-    panels = sorted(groups, key=str)
-    plt, fig, axes = _grid(len(panels))
-    for ax, panel in zip(axes, panels):
-        for method in ORDER:
-            pts = sorted(groups[panel].get(method, {}).items())
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=method)
-        where, model, depth, size = panel
-        ax.set_title(f"{model} {size} ({where})", fontsize=9)
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("samples / s")
-        ax.legend(fontsize=7)
-    _save_figure(fig, path)
-    plt.close(fig)
-    return True
+            title = f"{r['model']} {r['size']} ({_label(r)})"
+            panels[title][r["method"]][r["batch"]] = r["samples_per_s"]
+    return _line_panels(panels, path, "batch size", "samples / s")
 
 
 def plot_speedup(speed_rows, path) -> bool:
