@@ -3,7 +3,7 @@ next to the standard twin and the rematerialised baselines a user would pick ins
 JAX and PyTorch; the rebuild-drift numerics; the tables and plots.
 
     python -m experiments.bench demo                  # the main job (`make demo`), ~3 min CPU
-    python -m experiments.bench memory --models vit-b vit-l --batches 2 6 --img 224
+    python -m experiments.bench memory --models vit-b vit-l --batches 2 6 --size 224
     python -m experiments.bench memory --models vit-l --depths 12 24 48 --batches 2
     python -m experiments.bench memory --backend gpu-compile ...   # XLA:GPU (H200), no GPU
     python -m experiments.bench speed --models vit-b swin-t --batches 2 4 --frameworks jax torch

@@ -13,7 +13,7 @@ cached per case and framework: a 3 x 3 table of mode pairs costs 3 + 3 gradient 
 jax compiles one program per graphdef (forward and every mode's gradients; modes static).
 The tests check a whole case in one test (``check_case``), so that one process compiles it.
 
-Differences are ``max|jax - torch| / max|torch|`` (CONVENTIONS), per output and per
+Differences are ``max|jax - torch| / max|torch|`` (docs/conventions.md), per output and per
 parameter leaf (in the revjax layout), the largest reported.
 """
 
@@ -56,7 +56,7 @@ ZERO_GRADIENT = re.compile(r"(^|\.)norm_k\.bias$")
 SEQ_LEN = 8
 BATCH = 2
 SEED = 0
-# CONVENTIONS: float64 <= 1e-9 for outputs and gradients; float32 <= 1e-5 outputs, 1e-4 grads.
+# docs/conventions.md: float64 <= 1e-9 for outputs and gradients; float32 <= 1e-5 outputs, 1e-4 grads.
 TOL = {"float32": {"forward": 1e-5, "grad": 1e-4}, "float64": {"forward": 1e-9, "grad": 1e-9}}
 # The parity programs are tiny and each runs once: skip LLVM's optimisations (halves XLA:CPU
 # compile time; the HLO, and so the arithmetic, is the same).

@@ -1,7 +1,7 @@
 """On a CUDA GPU, PaReprop is faster than Reprop in each framework (median of timed gradient
 steps after warm-up, Rev-ViT-L at 224 px, batch 64), with gradients still matching.
 
-The one speed assertion the design asks for (CONVENTIONS); skipped without CUDA.
+The one speed assertion the design asks for (docs/conventions.md); skipped without CUDA.
 """
 
 import pytest

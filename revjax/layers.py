@@ -1,7 +1,7 @@
 """Layers shared by every model: dense, LayerNorm, attention, MLP, patch embedding, the
 reversible halves F and G, dropout and drop-path with explicit keys, the residual twin.
 
-Numerics follow CONVENTIONS.md: exact GELU, LayerNorm epsilon 1e-6, softmax in float32,
+Numerics follow docs/conventions.md: exact GELU, LayerNorm epsilon 1e-6, softmax in float32,
 truncated-normal(0.02) dense/embedding weights with zero biases (as timm's ViT).
 """
 

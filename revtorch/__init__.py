@@ -1,6 +1,6 @@
 """revtorch: reversible transformers in PyTorch, trained with backprop, Reprop or PaReprop.
 
-The PyTorch twin of ``revjax`` (see CONVENTIONS.md). Public API:
+The PyTorch twin of ``revjax`` (see docs/conventions.md). Public API:
 
 - ``MODES``: ``("backprop", "reprop", "pareprop")``.
 - ``reversible(fs, gs, x1, x2, shared=(), per_layer=None, *, mode)``: the functional core.

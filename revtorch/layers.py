@@ -2,7 +2,7 @@
 reversible halves F and G, dropout and drop-path with explicit generators (the twin of
 ``revjax/layers.py``, module for module and attribute for attribute).
 
-Numerics follow CONVENTIONS.md: exact GELU, LayerNorm epsilon 1e-6, softmax in (at least)
+Numerics follow docs/conventions.md: exact GELU, LayerNorm epsilon 1e-6, softmax in (at least)
 float32, truncated-normal(0.02, cut at two standard deviations) dense/conv/embedding weights
 with zero biases (as timm's ViT and ``jax.nn.initializers.truncated_normal``).
 

@@ -1,4 +1,4 @@
-"""Comparisons shared by the test suites: ``max|a - b| / max|a|`` (CONVENTIONS)."""
+"""Comparisons shared by the test suites: ``max|a - b| / max|a|`` (docs/conventions.md)."""
 
 from experiments.common import rel_err  # noqa: F401 (re-exported for the suites)
 

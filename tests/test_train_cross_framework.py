@@ -3,11 +3,10 @@ with revjax.interop.torch), float64: AdamW (weight decay 0.05) with the warm-up/
 schedule and clipping at 1.0 on the same digits batches, Rev-ViT-test in pareprop. The loss
 curves, gradient norms and final parameters agree to 1e-9 relative.
 
-The jax side is optax's clip + AdamW as revjax.train.make_optimizer chains them (decay where
-the layer's own tensor is a matrix), with a float64 schedule and loss: revjax.train's
-schedule is float32 under x64 (optax's warmup_cosine_decay_schedule: 4e-8 relative in the
-learning rate) and its cross-entropy is float32, which the last test (an expected failure)
-shows matter."""
+The first test writes the jax side by hand (optax's clip + AdamW, decay where the layer's own
+tensor is a matrix, a float64 schedule and loss); the last one runs revjax.train's own
+make_optimizer and make_train_step, which must agree as closely (its schedule is computed in
+the default float dtype, float64 under x64, and its cross-entropy in float32 or wider)."""
 
 import os
 import sys

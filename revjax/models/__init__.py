@@ -1,7 +1,7 @@
 """Model registry: ``build(name, *, rngs, mode=None, **overrides)`` and ``names()``.
 
 Names are ``rev-<family>-<variant>`` (reversible) and ``<family>-<variant>`` (the standard
-twin); each family file registers its rows with ``register``.
+twin); each family file registers its rows with ``register_family``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Model registry: ``build(name, *, mode=None, **overrides)`` and ``names()``.
 
 Names are ``rev-<family>-<variant>`` (reversible) and ``<family>-<variant>`` (the standard
-twin); each family file registers its rows with ``register``. The twin of
+twin); each family file registers its rows with ``register_family``. The twin of
 ``revjax.models``: same names, same config fields, same parameter counts.
 """
 

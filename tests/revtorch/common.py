@@ -1,4 +1,4 @@
-"""A generic F/G pair, the stack and inputs built from them, and the comparison of CONVENTIONS."""
+"""A generic F/G pair, the stack and inputs built from them, and the comparison of docs/conventions.md."""
 
 import torch
 from torch import nn
