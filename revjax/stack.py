@@ -25,19 +25,30 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs):
     layers = create(rngs)
     for _, var in nnx.iter_graph(layers):  # so that per-layer rules (weight decay) see axis 0
         if isinstance(var, nnx.Variable):
-            var.set_metadata(**{STACKED: True})
+            _mark_stacked(var)
     return layers
 
 
 STACKED = "stacked_layers"  # Variable metadata: the leading axis is a stack's depth axis
 
 
+def _mark_stacked(var: nnx.Variable) -> None:
+    if hasattr(var, "set_metadata"):
+        var.set_metadata(**{STACKED: True})
+    else:  # older flax: metadata are attributes
+        setattr(var, STACKED, True)
+
+
+def _is_stacked(var: nnx.Variable) -> bool:
+    meta = var.get_metadata() if hasattr(var, "get_metadata") else {}
+    return bool(meta.get(STACKED, getattr(var, STACKED, False)))
+
+
 def layer_ndim(var) -> int:
     """The number of dimensions of one layer's slice of ``var`` (an ``nnx.Variable`` or an
     array): its ``ndim``, less the depth axis of a ``RevStack``/``ResidualStack``."""
     value = var.value if isinstance(var, nnx.Variable) else var
-    stacked = isinstance(var, nnx.Variable) and var.get_metadata().get(STACKED, False)
-    return value.ndim - int(bool(stacked))
+    return value.ndim - int(isinstance(var, nnx.Variable) and _is_stacked(var))
 
 
 def _stateless_fn(module: nnx.Module, name: str):
