@@ -275,7 +275,7 @@ def plot_speedup(speed_rows, path) -> bool:
     if not rows:
         return False
     plt, fig, (ax,) = _grid(1)
-    labels = [f"{r['model']} b{r['batch']}\n{r['where']}" for r in rows]
+    labels = [f"{r['model']} b{r['batch']} ({r['where']})" for r in rows]
     ax.bar(range(len(rows)), [r["pareprop / reprop"] for r in rows])
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(rows)), labels, fontsize=7, rotation=45, ha="right")
