@@ -583,11 +583,12 @@ SUBCOMMANDS = {
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in SUBCOMMANDS:
+    first = 2 if argv[:1] == ["--results"] else 0  # the other experiments have their own --out
+    if len(argv) > first and argv[first] in SUBCOMMANDS:
         import importlib
 
-        module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
-        out = module.main(argv[1:])
+        module = importlib.import_module(SUBCOMMANDS[argv[first]][0])
+        out = module.main(argv[first + 1:])
         return out if isinstance(out, int) else 0
     args = parser().parse_args(argv)
     args.results = args.results or (DEMO_RESULTS if args.command == "demo" else RESULTS)

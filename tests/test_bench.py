@@ -143,3 +143,17 @@ def test_report_of_an_empty_folder_writes_an_empty_report(tmp_path):
     with open(tmp_path / "report.md") as f:
         assert f.read().startswith("# Benchmark results (0 cells)")
     assert json.loads(json.dumps(bench.load(str(tmp_path / "cells.jsonl")))) == []
+
+
+def test_other_experiments_run_as_sub_commands(monkeypatch):
+    import types
+
+    calls = []
+    fake = types.ModuleType("fake_experiment")
+    fake.main = lambda argv: calls.append(argv) or 3
+    monkeypatch.setitem(sys.modules, "fake_experiment", fake)
+    monkeypatch.setitem(bench.SUBCOMMANDS, "fake", ("fake_experiment", "a test double"))
+    assert bench.main(["fake", "--x", "1"]) == 3
+    assert bench.main(["--results", "somewhere", "fake", "--smoke"]) == 3
+    assert calls == [["--x", "1"], ["--smoke"]]
+    assert set(bench.SUBCOMMANDS) >= {"numerics", "overlap", "gpu-compile", "parity"}
