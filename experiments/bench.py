@@ -92,7 +92,7 @@ class Cell:
 
     @property
     def text(self) -> bool:
-        return self.model.startswith("roberta")
+        return is_text(self.model)
 
     def name(self) -> str:
         """The registry name of the model this method runs."""
@@ -112,6 +112,15 @@ class Cell:
             else:
                 out["depth"] = self.depth
         return out
+
+
+def is_text(model: str) -> bool:
+    """Text models (token ids in, sequence length as the size) by family name."""
+    return model.startswith("roberta")
+
+
+def default_size(model: str) -> int:
+    return 128 if is_text(model) else 224
 
 
 def check_cell(cell: Cell) -> None:
@@ -403,30 +412,26 @@ def _max_batches(args) -> dict[tuple, int]:
 
 
 def _grid(args, kind: str) -> list[Cell]:
+    """The cells of ``args``' grid; with ``--max-batch-gib`` each method at its largest batch
+    from the memory cells recorded (methods without them are left out)."""
+    fits = _max_batches(args) if getattr(args, "max_batch_gib", None) else None
     cells = []
-    if getattr(args, "max_batch_gib", None):
-        fits = _max_batches(args)
-        for fw in args.frameworks:
-            for model in args.models:
-                for depth in args.depths or [None]:
-                    for method in args.methods:
-                        size = args.size or (128 if model.startswith("roberta") else 224)
-                        b = fits.get((fw, args.backend, model, method, depth, size, args.dtype))
-                        if b:
-                            cells.append(Cell(kind, fw, args.backend, model, method, b, depth,
-                                              size, args.dtype))
-        return cells
     for fw in args.frameworks:
         for model in args.models:
+            size = args.size or default_size(model)
             for depth in args.depths or [None]:
-                for batch in args.batches:
+                for batch in args.batches if fits is None else [None]:
                     for method in args.methods:
                         if method == "pareprop+streams" and args.backend != "gpu-compile":
                             continue
                         if fw == "torch" and args.backend == "gpu-compile":
                             continue
-                        cell = Cell(kind, fw, args.backend, model, method, batch, depth,
-                                    args.size or (128 if model.startswith("roberta") else 224),
+                        if fits is not None:
+                            batch = fits.get(
+                                (fw, args.backend, model, method, depth, size, args.dtype))
+                            if not batch:
+                                continue
+                        cell = Cell(kind, fw, args.backend, model, method, batch, depth, size,
                                     args.dtype)
                         check_cell(cell)
                         cells.append(cell)
