@@ -214,7 +214,7 @@ def jax_grad_fn(cell: Cell, compiler_options: dict | None = None):
     import jax
     from flax import nnx
 
-    import revjax.core
+    import revjax.streams
     from revjax import train
 
     model, _ = _jax_model(cell, abstract=True, optimizer=False)
@@ -226,7 +226,7 @@ def jax_grad_fn(cell: Cell, compiler_options: dict | None = None):
                                             mode=cell.mode())
         return jax.grad(loss)(params)
 
-    options = revjax.core.compiler_options() if compiler_options is None else compiler_options
+    options = revjax.streams.compiler_options() if compiler_options is None else compiler_options
     return (jax.jit(grads, compiler_options=options), params,
             _jax_batch(cell, model.config, abstract=True))
 
@@ -243,22 +243,22 @@ def jax_memory(cell: Cell) -> dict:
     without the update phase, whose temporaries hide the activations at small batch."""
     import jax
 
-    import revjax.core
+    import revjax.streams
 
     if cell.backend == "gpu-compile":
         from gpu_compile import DEVICELESS_OPTIONS
 
         from revjax import gpu
 
-        options = {**revjax.core.compiler_options("cuda"), **DEVICELESS_OPTIONS}
+        options = {**revjax.streams.compiler_options("cuda"), **DEVICELESS_OPTIONS}
         fn, params, batch = jax_grad_fn(cell, options)
         args = gpu.abstract((params, batch), gpu.topology("h200"))
-        saved, revjax.core.GPU_STREAMS = revjax.core.GPU_STREAMS, cell.method.endswith(
+        saved, revjax.streams.GPU_STREAMS = revjax.streams.GPU_STREAMS, cell.method.endswith(
             "+streams")
         try:
             compiled = fn.trace(*args).lower().compile()
         finally:
-            revjax.core.GPU_STREAMS = saved
+            revjax.streams.GPU_STREAMS = saved
     else:
         fn, params, batch = jax_grad_fn(cell)
         compiled = fn.lower(params, batch).compile()

@@ -1,6 +1,6 @@
 """Compile each family's training step for an NVIDIA H200 on a machine without a GPU, in
 every mode, and read what the compiled program says: does it compile, XLA:GPU's memory,
-and (pareprop with ``revjax.core.GPU_STREAMS``) how much the two streams' work overlaps in
+and (pareprop with ``revjax.streams.GPU_STREAMS``) how much the two streams' work overlaps in
 the scheduled loop body.
 
     python -m experiments.gpu_compile                      # the test configs
@@ -26,7 +26,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import revjax  # noqa: E402
-import revjax.core  # noqa: E402
+import revjax.streams  # noqa: E402
 from revjax import gpu  # noqa: E402
 
 FAMILIES = ("rev-vit-test", "rev-swin-test", "rev-mvit-test", "rev-roberta-test")
@@ -68,13 +68,13 @@ def compile_step(name: str, mode: str, topo, *, streams: bool = False, optimizer
         return optax.apply_updates(params, updates), opt_state
 
     fn, args = (step, (params, tx.init(params), x, y)) if optimizer else (grads, (params, x, y))
-    options = {**revjax.core.compiler_options("cuda"), **DEVICELESS_OPTIONS}
-    saved, revjax.core.GPU_STREAMS = revjax.core.GPU_STREAMS, streams
+    options = {**revjax.streams.compiler_options("cuda"), **DEVICELESS_OPTIONS}
+    saved, revjax.streams.GPU_STREAMS = revjax.streams.GPU_STREAMS, streams
     try:
         return jax.jit(fn, compiler_options=options).trace(*gpu.abstract(args, topo)) \
             .lower().compile()
     finally:
-        revjax.core.GPU_STREAMS = saved
+        revjax.streams.GPU_STREAMS = saved
 
 
 def main(argv=None) -> int:

@@ -118,15 +118,15 @@ def jax_streams(data):
 
 def run_jax(args, trace_dir: str) -> dict:
     """Trace warm jitted gradient steps of ``args.model`` in pareprop mode, with
-    ``revjax.core.GPU_STREAMS`` set to ``args.jax_gpu_streams`` while the step is traced,
+    ``revjax.streams.GPU_STREAMS`` set to ``args.jax_gpu_streams`` while the step is traced,
     and restored after."""
     import revjax
 
-    flag, revjax.core.GPU_STREAMS = revjax.core.GPU_STREAMS, args.jax_gpu_streams
+    flag, revjax.streams.GPU_STREAMS = revjax.streams.GPU_STREAMS, args.jax_gpu_streams
     try:
         return _trace_jax(args, trace_dir)
     finally:
-        revjax.core.GPU_STREAMS = flag
+        revjax.streams.GPU_STREAMS = flag
 
 
 def _trace_jax(args, trace_dir: str) -> dict:
@@ -145,7 +145,7 @@ def _trace_jax(args, trace_dir: str) -> dict:
     def loss(p):
         return cross_entropy_loss(nnx.merge(graphdef, p, rest)(images), labels)
 
-    options = revjax.core.compiler_options()
+    options = revjax.streams.compiler_options()
     step = jax.jit(jax.grad(loss), compiler_options=options)
     for _ in range(args.warmup):
         jax.block_until_ready(step(params))
@@ -157,7 +157,7 @@ def _trace_jax(args, trace_dir: str) -> dict:
     streams, windows, lines, planes = jax_streams(data)
     result = {"device": str(jax.devices()[0]), "trace": files, "device_lines": lines,
               "events_per_plane": planes, "streams": sorted(streams), "unit": "ns",
-              "gpu_streams_flag": revjax.core.GPU_STREAMS}
+              "gpu_streams_flag": revjax.streams.GPU_STREAMS}
     return _summarise(result, streams, windows, _depth(model.config))
 
 
@@ -262,7 +262,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--jax-gpu-streams", action=argparse.BooleanOptionalAction, default=True,
-                   help="set revjax.core.GPU_STREAMS (pareprop's halves on two CUDA streams)")
+                   help="set revjax.streams.GPU_STREAMS (pareprop's halves on two CUDA streams)")
     p.add_argument("--out", required=True, help="directory for overlap.json and the traces")
     args = p.parse_args(argv)
     if args.smoke:

@@ -10,8 +10,9 @@ call of a model) raising ``RebuildError``.
 """
 
 from . import models
-from .core import (CPU_COMPILER_OPTIONS, MODES, RebuildError, check_rebuild, invert,
-                   rebuild_errors, reversible)
+from .core import MODES, invert, reversible
+from .rebuild import RebuildError, check_rebuild, rebuild_errors
+from .streams import CPU_COMPILER_OPTIONS
 from .stack import REMAT_POLICIES, ResidualStack, RevStack, check_rebuilds, set_remat
 
 __version__ = "0.1.0"

@@ -3,8 +3,15 @@ compiled program.
 
 XLA compiles for a GPU target from a description of the chip (a ``GpuTargetConfigProto``)
 on a machine with no GPU and no driver (PJRT deviceless compilation). It needs the CUDA
-plugin installed (``pip install revjax[gpu-compile]``, about 0.5 GB, no NVIDIA libraries)
-and JAX pinned to the CPU platform for everything else (``JAX_PLATFORMS=cpu``)::
+plugin (about 0.5 GB, no NVIDIA libraries) and JAX pinned to the CPU platform for everything
+else (``JAX_PLATFORMS=cpu``).
+
+Where the plugin lives. Installed into a venv, it makes every ``import jax`` there probe for
+CUDA and print a traceback on a machine without one. So ``make`` installs it apart, into
+``.venv/gpu-compile`` (``pip install --target``; ``plugin_dir``, or ``$REVJAX_GPU_COMPILE_PATH``),
+and the programs that compile for a GPU run in a subprocess that sees it (``plugin_env``,
+``run_with_plugin``); ``pip install 'revjax[gpu-compile]'`` into a venv of its own also works.
+In a process that sees the plugin::
 
     topo = revjax.gpu.topology("h200")
     args = revjax.gpu.abstract((params, batch), topo)
@@ -21,7 +28,10 @@ halves run one after the other).
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import subprocess
+import sys
 from importlib import resources
 
 import jax
@@ -39,8 +49,61 @@ def target_config(name: str = "h200") -> str:
 
 def plugin_available() -> bool:
     """Whether the CUDA PJRT plugin that deviceless compilation needs is installed."""
+    if importlib.util.find_spec("jax_plugins") is None:  # no plugin of any kind
+        return False
     return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None
                for v in (12, 13))
+
+
+PLUGIN_DIR_ENV = "REVJAX_GPU_COMPILE_PATH"
+
+
+def plugin_dir() -> str:
+    """The folder holding the plugin apart from the venv: ``$REVJAX_GPU_COMPILE_PATH``, else
+    ``gpu-compile`` inside the running Python's prefix (``.venv/gpu-compile``, where ``make``
+    puts it)."""
+    return os.environ.get(PLUGIN_DIR_ENV) or os.path.join(sys.prefix, "gpu-compile")
+
+
+def plugin_installed_apart() -> bool:
+    """Whether ``plugin_dir()`` holds a CUDA plugin (for a subprocess: ``plugin_env``)."""
+    return any(os.path.isdir(os.path.join(plugin_dir(), "jax_plugins", f"xla_cuda{v}"))
+               for v in (12, 13))
+
+
+def plugin_env(env: dict | None = None) -> dict:
+    """``env`` (default: this process's) for a subprocess that compiles for a GPU: the plugin
+    folder first on ``PYTHONPATH`` and JAX on the CPU platform."""
+    env = dict(os.environ if env is None else env)
+    path = [plugin_dir(), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def run_with_plugin(argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python argv...`` (this interpreter) where the plugin is seen (``plugin_env``).
+
+    Raises ``RuntimeError`` when the plugin is neither importable here nor installed apart.
+    ``kwargs`` go to ``subprocess.run`` (``check``, ``capture_output``, ``cwd``, ...)."""
+    if not (plugin_available() or plugin_installed_apart()):
+        raise RuntimeError(_NO_PLUGIN)
+    return subprocess.run([sys.executable, *argv], env=plugin_env(), **kwargs)
+
+
+def rerun_with_plugin(module: str, argv: list[str]) -> int | None:
+    """For a command line ``python -m module argv...`` that compiles for a GPU: None when
+    this process sees the plugin (go on here); otherwise the exit code of the same command
+    run where it is seen (``run_with_plugin``)."""
+    if plugin_available():
+        return None
+    return run_with_plugin(["-m", module, *argv]).returncode
+
+
+_NO_PLUGIN = ("compiling for a GPU without one needs the CUDA plugin: `make` installs it into "
+              ".venv/gpu-compile (pip install --no-deps --target .venv/gpu-compile -c "
+              "constraints.txt jax-cuda12-plugin jax-cuda12-pjrt), or pip install "
+              "'revjax[gpu-compile]' into a venv of its own")
 
 
 def topology(name: str = "h200"):
@@ -48,8 +111,9 @@ def topology(name: str = "h200"):
     from jax.experimental import topologies
 
     if not plugin_available():
-        raise RuntimeError("compiling for a GPU without one needs the CUDA plugin: "
-                           "pip install 'revjax[gpu-compile]'")
+        where = (" It is installed apart, in " + plugin_dir() + ": run this program through "
+                 "revjax.gpu.run_with_plugin.") if plugin_installed_apart() else ""
+        raise RuntimeError(_NO_PLUGIN + "." + where)
     return topologies.get_topology_desc(platform="cuda", target_config=target_config(name),
                                         topology="1x1x1")
 

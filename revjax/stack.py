@@ -10,8 +10,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .core import (MODES, RebuildError, _anchor_every, _check_options, _stream_dtype,
-                   check_rebuild, rebuild_errors, report_rebuild, reversible)
+from .core import MODES, reversible
+from .numerics import anchor_every_of, stream_dtype_of
+from .rebuild import (RebuildError, check_options, check_rebuild, rebuild_errors,
+                      report_rebuild)
 
 
 def stacked(make: Callable[[nnx.Rngs], nnx.Module], depth: int, rngs: nnx.Rngs):
@@ -100,8 +102,8 @@ class RevStack(nnx.Module):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.depth, self.mode = depth, mode
-        self.stream_dtype = _stream_dtype(stream_dtype)
-        self.anchor_every = _anchor_every(anchor_every)
+        self.stream_dtype = stream_dtype_of(stream_dtype)
+        self.anchor_every = anchor_every_of(anchor_every)
         self.f = stacked(make_f, depth, rngs)
         self.g = stacked(make_g, depth, rngs)
         for name, module in (("F", self.f), ("G", self.g)):
@@ -130,7 +132,7 @@ class RevStack(nnx.Module):
                       per_layer: dict | None = None, threshold: float = 1e-2,
                       on_error: str = "raise"):
         """Per-layer relative errors of the inputs the backward rebuilds for this call
-        (``revjax.core.check_rebuild`` with this stack's ``stream_dtype`` and
+        (``revjax.rebuild.check_rebuild`` with this stack's ``stream_dtype`` and
         ``anchor_every``); raises ``RebuildError`` or warns past ``threshold``."""
         f, state_f = _stateless_fn(self.f, "F")
         g, state_g = _stateless_fn(self.g, "G")
@@ -146,7 +148,7 @@ class _Checks:
     """One ``check_rebuilds`` block: its options and the per-call reports."""
 
     def __init__(self, threshold, on_error):
-        _check_options(threshold, on_error)
+        check_options(threshold, on_error)
         self.threshold, self.on_error, self.reports, self.calls = threshold, on_error, [], 0
 
     def check(self, stack, x1, x2, shared, per_layer):

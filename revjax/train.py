@@ -6,7 +6,7 @@
   optimizer)`` state (``nnx.split``), compiled with ``jax.jit``, for ``task``
   ``"classification"`` (images, labels) or ``"mlm"`` (inputs, labels, padding mask;
   ``revjax.mlm``), each with a backward ``mode``. On CPU they compile with
-  ``revjax.CPU_COMPILER_OPTIONS`` (``revjax.core.compiler_options``: pareprop's carried
+  ``revjax.CPU_COMPILER_OPTIONS`` (``revjax.streams.compiler_options``: pareprop's carried
   residuals are not copied every layer).
 - Devices: ``data_parallel`` (batch over the mesh axis, state replicated) and ``fsdp`` (state
   sharded too, each array along a dimension the axis size divides) give the shardings the
@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from .core import compiler_options
+from .streams import compiler_options
 from .stack import layer_ndim
 from .mlm import mlm_loss
 
@@ -229,7 +229,7 @@ def fsdp(state: Any, mesh: Mesh, axis: str = "data") -> Shardings:
 
 def _jit(fn, shardings: Shardings | None, n_batch: int, out_keys: tuple[str, ...],
          out_state: bool, donate: bool, weights: bool = False, options: dict | None = None):
-    """``jax.jit`` with the platform's options (``revjax.core.compiler_options``) and, with
+    """``jax.jit`` with the platform's options (``revjax.streams.compiler_options``) and, with
     ``shardings``, those in/out shardings. On a mesh with explicit axes the body runs under
     ``jax.sharding.auto_axes`` (XLA propagates shardings inside, as on an ``Auto`` mesh; the
     patch-embedding convolution has no explicit-sharding rule for FSDP-sharded kernels)
@@ -274,7 +274,7 @@ def make_train_step(graphdef: nnx.GraphDef, *, task: str = "classification",
     of ``nnx.split((model, optimizer))``. ``key`` (or None) seeds dropout; ``batch`` is
     ``(images, labels)`` or ``(inputs, labels, mask)`` (``task``). With ``shardings``
     (``data_parallel`` / ``fsdp``) the state and batch keep those shardings.
-    ``compiler_options`` (default: ``revjax.core.compiler_options()`` for the default
+    ``compiler_options`` (default: ``revjax.streams.compiler_options()`` for the default
     backend) are XLA's options for the step, e.g. ``compiler_options("cuda")`` when
     compiling ahead of time for a GPU from a CPU machine."""
     _check_task(task)

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from jax import export
 
 import revjax
-from revjax.core import GRADS_STREAM, REBUILD_STREAM
+import revjax.streams
+from revjax.streams import GRADS_STREAM, REBUILD_STREAM
 
 from ..helpers import rel_err, tree_rel_err
 
@@ -179,10 +180,10 @@ def _reachable_text(module, region):
 def test_cuda_export_puts_both_halves_on_streams_inside_the_loop(depth, monkeypatch):
     pf, pg, x, mask, pl = make(depth, dtype=jnp.float32)
     gfn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=6)
-    # by default (revjax.core.GPU_STREAMS off) the cuda program carries no annotation
+    # by default (revjax.streams.GPU_STREAMS off) the cuda program carries no annotation
     default = export.export(gfn, platforms=["cuda"])(pf, pg, x, x, mask, pl, "pareprop")
     assert "_xla_stream_annotation" not in default.mlir_module()
-    monkeypatch.setattr(revjax.core, "GPU_STREAMS", True)
+    monkeypatch.setattr(revjax.streams, "GPU_STREAMS", True)
     gfn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=6)  # traced anew
     cuda = export.export(gfn, platforms=["cuda"])(pf, pg, x, x, mask, pl, "pareprop")
     module = cuda.mlir_module()

@@ -1,4 +1,4 @@
-"""Numerics options of the core (issue 18): the float32-stream precision policy, re-anchoring
+"""Numerics options of the core: the float32-stream precision policy, re-anchoring
 and the rebuild check."""
 
 import jax
@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import revjax
-from revjax import core
+from revjax import rebuild
 
 from ..helpers import tree_rel_err
 from .common import abstract_model, batch, model_and_params
@@ -144,9 +144,9 @@ def test_anchors_restart_the_rebuild(mode):
     assert err[1] <= 1e-6, err
     assert err[2] < err[None] / 10, err
     # the check sees the same: zero error at the anchored layers, drift in between
-    e = core.rebuild_errors(f_steep, g_plain, pf, pg, x, x, anchor_every=2)
+    e = rebuild.rebuild_errors(f_steep, g_plain, pf, pg, x, x, anchor_every=2)
     assert np.all(np.asarray(e)[::2] == 0) and np.all(np.asarray(e)[1::2] > 0)
-    assert np.max(e) < np.max(core.rebuild_errors(f_steep, g_plain, pf, pg, x, x)) / 10
+    assert np.max(e) < np.max(rebuild.rebuild_errors(f_steep, g_plain, pf, pg, x, x)) / 10
 
 
 def _temp_bytes(depth, mode, k):
@@ -197,7 +197,7 @@ def test_check_rebuild_names_the_layer_that_drifts():
     """Huge-scale F in bfloat16: the rebuild is off by order one; the error names the first
     layer from the top over the threshold, and warn mode warns instead."""
     pf, pg, x = steep(6, jnp.bfloat16)
-    errors = np.asarray(core.rebuild_errors(f_steep, g_plain, pf, pg, x, x))
+    errors = np.asarray(rebuild.rebuild_errors(f_steep, g_plain, pf, pg, x, x))
     first = max(i for i, e in enumerate(errors) if e > 0.05)
     with pytest.raises(revjax.RebuildError,
                        match=rf"layer {first} \(of 6.*relative error .* > threshold 0.05"):
