@@ -7,7 +7,7 @@ The one speed assertion the design asks for (docs/conventions.md); skipped witho
 import pytest
 import torch
 
-from experiments import parity as common
+from experiments.probes import parity as common
 
 pytestmark = pytest.mark.gpu
 

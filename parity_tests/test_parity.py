@@ -1,5 +1,6 @@
 """revjax and revtorch agree: forward outputs, and every parameter and input gradient for
-each (jax mode, torch mode) pair, on the same weights and images (see ``experiments/parity.py``)."""
+each (jax mode, torch mode) pair, on the same weights and images (see
+``experiments/probes/parity.py``)."""
 
 import numpy as np
 import pytest
@@ -8,7 +9,7 @@ from flax import nnx
 import revjax
 import revtorch
 
-from experiments import parity as common
+from experiments.probes import parity as common
 
 
 @pytest.mark.parametrize("case", common.cases(), ids=common.case_id)

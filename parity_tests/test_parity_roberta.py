@@ -1,13 +1,13 @@
 """Rev-RoBERTa and RoBERTa: revjax and revtorch agree on the same weights and token ids with
 a padding mask (some positions padded): the forward logits, and every parameter gradient
 (the tied token embedding included: it gets the lookup's and the decoder's gradients) for
-each (jax mode, torch mode) pair, at depth 2 (see ``experiments/parity.py``)."""
+each (jax mode, torch mode) pair, at depth 2 (see ``experiments/probes/parity.py``)."""
 
 import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import parity as common
+from experiments.probes import parity as common
 
 MODELS, DEPTHS = common.ROBERTA_MODELS, common.ROBERTA_DEPTHS
 

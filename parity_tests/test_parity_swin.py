@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import parity as common
+from experiments.probes import parity as common
 
 MODELS, DEPTHS = common.SWIN_MODELS, common.SWIN_DEPTHS
 

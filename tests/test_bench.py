@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
-import bench  # noqa: E402
-import report  # noqa: E402
+from experiments.bench import cli, demo, grid, report
+from experiments.bench.cells import Cell, check_cell
+from experiments.bench.results import load, record
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -17,7 +17,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 def _cell(**kw):
     base = dict(kind="memory", framework="jax", backend="cpu", model="vit-test",
                 method="reprop", batch=2)
-    return bench.Cell(**{**base, **kw})
+    return Cell(**{**base, **kw})
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -32,7 +32,7 @@ def _cell(**kw):
 ])
 def test_bad_cells_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):
-        bench.check_cell(_cell(**kw))
+        check_cell(_cell(**kw))
 
 
 def test_cells_name_the_model_mode_and_depth_they_run():
@@ -67,10 +67,10 @@ def test_report_fits_slope_fixed_part_and_max_batch():
 
 def test_results_file_is_rewritten_whole(tmp_path):
     path = str(tmp_path / "cells.jsonl")
-    bench.record(path, _cell(), {"total_bytes": 1}, {})
-    bench.record(path, _cell(batch=3), {"total_bytes": 2}, {})
-    bench.record(path, _cell(), {"total_bytes": 3}, {})  # the same cell measured again
-    rows = bench.load(path)
+    record(path, _cell(), {"total_bytes": 1}, {})
+    record(path, _cell(batch=3), {"total_bytes": 2}, {})
+    record(path, _cell(), {"total_bytes": 3}, {})  # the same cell measured again
+    rows = load(path)
     assert [(r["batch"], r["total_bytes"]) for r in rows] == [(3, 2), (2, 3)]
     assert os.listdir(tmp_path) == ["cells.jsonl"]
 
@@ -81,16 +81,16 @@ def test_memory_speed_report_end_to_end_and_resume(tmp_path):
     measures nothing again, and the report draws its figures."""
     out = str(tmp_path / "bench")
     common = ["--models", "vit-test", "--size", "16", "--batches", "1", "3"]
-    bench.main(["--results", out, "memory", "--methods", "standard", "reprop", *common])
-    bench.main(["--results", out, "memory", "--frameworks", "torch", "--methods", "standard",
+    cli.main(["--results", out, "memory", "--methods", "standard", "reprop", *common])
+    cli.main(["--results", out, "memory", "--frameworks", "torch", "--methods", "standard",
                 "remat", "reprop", "pareprop", *common])
-    bench.main(["--results", out, "speed", "--frameworks", "jax", "torch", "--methods",
+    cli.main(["--results", out, "speed", "--frameworks", "jax", "torch", "--methods",
                 "standard", "pareprop", "--models", "vit-test", "--size", "16", "--batches",
                 "2", "--warmup", "1", "--reps", "2"])
-    first = bench.load(os.path.join(out, "cells.jsonl"))
+    first = load(os.path.join(out, "cells.jsonl"))
     assert len(first) == 4 + 8 + 4 and not [r for r in first if "error" in r]
-    bench.main(["--results", out, "memory", "--methods", "standard", "reprop", *common])
-    assert bench.load(os.path.join(out, "cells.jsonl")) == first  # resumed: nothing redone
+    cli.main(["--results", out, "memory", "--methods", "standard", "reprop", *common])
+    assert load(os.path.join(out, "cells.jsonl")) == first  # resumed: nothing redone
     assert all(r["env"]["python"] and r["date"] for r in first)
 
     report.main(["--results", out])
@@ -114,13 +114,13 @@ def test_max_batch_speed_cells_come_from_the_memory_cells(tmp_path):
     out = str(tmp_path)
     path = os.path.join(out, "cells.jsonl")
     for b in (2, 4):  # synthetic memory cells: 1 MiB fixed + 2 MiB per sample
-        bench.record(path, _cell(method="reprop", batch=b, size=16),
+        record(path, _cell(method="reprop", batch=b, size=16),
                      {"total_bytes": (1 + 2 * b) * report.MiB}, {})
-    args = bench.parser().parse_args(["--results", out, "speed", "--methods", "reprop",
+    args = cli.parser().parse_args(["--results", out, "speed", "--methods", "reprop",
                                       "standard", "--size", "16", "--max-batch-gib",
                                       str(21 / 1024)])
     args.results_file = path
-    (cell,) = bench._grid(args, "speed")  # standard has no memory cells: no max-batch cell
+    (cell,) = grid.cells(args, "speed")  # standard has no memory cells: no max-batch cell
     assert (cell.method, cell.batch) == ("reprop", 10)
 
 
@@ -134,7 +134,7 @@ def test_gpu_script_parses_and_documents_smoke():
 
 def test_cli_rejects_unknown_method(capsys):
     with pytest.raises(SystemExit):
-        bench.main(["memory", "--methods", "fastest"])
+        cli.main(["memory", "--methods", "fastest"])
     assert "invalid choice" in capsys.readouterr().err
 
 
@@ -142,7 +142,7 @@ def test_report_of_an_empty_folder_writes_an_empty_report(tmp_path):
     assert report.main(["--results", str(tmp_path)]) == 0
     with open(tmp_path / "report.md") as f:
         assert f.read().startswith("# Benchmark results (0 cells)")
-    assert json.loads(json.dumps(bench.load(str(tmp_path / "cells.jsonl")))) == []
+    assert json.loads(json.dumps(load(str(tmp_path / "cells.jsonl")))) == []
 
 
 def test_other_experiments_run_as_sub_commands(monkeypatch):
@@ -152,8 +152,89 @@ def test_other_experiments_run_as_sub_commands(monkeypatch):
     fake = types.ModuleType("fake_experiment")
     fake.main = lambda argv: calls.append(argv) or 3
     monkeypatch.setitem(sys.modules, "fake_experiment", fake)
-    monkeypatch.setitem(bench.SUBCOMMANDS, "fake", ("fake_experiment", "a test double"))
-    assert bench.main(["fake", "--x", "1"]) == 3
-    assert bench.main(["--results", "somewhere", "fake", "--smoke"]) == 3
+    monkeypatch.setitem(cli.SUBCOMMANDS, "fake", ("fake_experiment", "a test double"))
+    assert cli.main(["fake", "--x", "1"]) == 3
+    assert cli.main(["--results", "somewhere", "fake", "--smoke"]) == 3
     assert calls == [["--x", "1"], ["--smoke"]]
-    assert set(bench.SUBCOMMANDS) >= {"numerics", "overlap", "gpu-compile", "parity"}
+    assert set(cli.SUBCOMMANDS) >= {"numerics", "overlap", "gpu-compile", "parity"}
+
+
+def test_headline_says_where_a_reversible_method_is_not_below_remat():
+    mem = []
+    for method, per_sample in [("standard", 300.0), ("remat", 40.0), ("reprop", 20.0),
+                               ("pareprop", 50.0)]:
+        mem.append({"framework": "jax", "backend": "cpu", "model": "vit-b", "method": method,
+                    "depth": None, "size": 224, "dtype": "float32", "where": "jax CPU",
+                    "MiB/sample": per_sample, "max batch": 10})
+    (row,) = report.headline_table(mem, "jax CPU")
+    assert row["reprop / remat"] == pytest.approx(0.5)
+    assert row["standard / reprop"] == pytest.approx(15.0)
+    lines = report.headline_lines([row])
+    assert lines == [
+        "vit-b (224) reprop: 20 MiB/sample, 0.50x remat, 15x below standard",
+        "vit-b (224) pareprop: 50 MiB/sample, 1.25x remat, NOT below remat, 6x below standard"]
+
+
+def test_demo_is_the_headline_at_real_size():
+    """The memory cells compile ViT-B and ViT-L at 224 px in every headline method (no run),
+    jax on XLA:CPU, at two batch sizes for the slope; the speed cells are small."""
+    memory, speed = demo.DEMO
+    cells = grid.cells(grid.grid_args("unused", **memory[0]), "memory")
+    assert {(c.framework, c.backend, c.model, c.size) for c in cells} == {
+        ("jax", "cpu", "vit-b", 224), ("jax", "cpu", "vit-l", 224)}
+    assert {c.method for c in cells} == {"standard", "remat", "reprop", "pareprop"}
+    assert len({c.batch for c in cells}) == 2
+    assert speed["size"] <= 64 and set(speed["frameworks"]) == {"jax", "torch"}
+
+
+def test_demo_smoke_writes_the_results_and_prints_the_headline(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    assert cli.main(["--results", out, "demo", "--smoke"]) == 0
+    printed = capsys.readouterr().out
+    assert "Training memory per sample" in printed and "x remat" in printed
+    assert "vit-test (32) reprop:" in printed and "Throughput" in printed
+    files = set(os.listdir(out))
+    assert {"cells.jsonl", "report.md", "memory_vs_batch.png",
+            "throughput_vs_batch.png"} <= files
+    assert not [f for f in files if f.endswith(".tmp")]
+    cells = load(os.path.join(out, "cells.jsonl"))
+    assert not [r for r in cells if "error" in r]
+    assert {(r["kind"], r["framework"]) for r in cells} == {
+        ("memory", "jax"), ("memory", "torch"), ("speed", "jax"), ("speed", "torch")}
+
+
+def test_h200_memory_cells_rerun_where_the_plugin_is_seen(tmp_path, monkeypatch, capsys):
+    """The default venv does not see the CUDA plugin (it is installed apart): ``memory
+    --backend gpu-compile`` reruns the same command through ``revjax.gpu.rerun_with_plugin``
+    and returns its exit code; a CPU grid never does."""
+    from revjax import gpu
+
+    calls = []
+    monkeypatch.setattr(gpu, "rerun_with_plugin", lambda m, argv: calls.append((m, argv)) or 7)
+    argv = ["--results", str(tmp_path), "memory", "--backend", "gpu-compile", "--models",
+            "vit-test", "--methods", "reprop"]
+    assert cli.main(argv) == 7
+    assert calls == [("experiments.bench", argv)]
+    assert not os.listdir(tmp_path)  # nothing measured in this process
+
+    def missing(module, argv):
+        raise RuntimeError("compiling for a GPU without one needs the CUDA plugin")
+
+    monkeypatch.setattr(gpu, "rerun_with_plugin", missing)
+    assert cli.main(argv) == 2
+    assert "error: compiling for a GPU without one needs the CUDA plugin" in (
+        capsys.readouterr().err)
+    cpu = ["--results", str(tmp_path), "report"]
+    assert cli.main(cpu) == 0  # not a gpu-compile grid: no rerun (missing would say so)
+
+
+def test_gpu_compile_probe_reruns_where_the_plugin_is_seen(monkeypatch):
+    from revjax import gpu
+
+    from experiments.probes import gpu_compile
+
+    calls = []
+    monkeypatch.setattr(gpu, "rerun_with_plugin", lambda m, argv: calls.append((m, argv)) or 5)
+    assert cli.main(["gpu-compile", "--models", "rev-vit-test"]) == 5
+    assert calls == [("experiments.probes.gpu_compile", ["--models", "rev-vit-test"])]
+    assert gpu_compile.TEST_OVERRIDES and callable(gpu_compile.compile_step)

@@ -1,17 +1,15 @@
 """The experiments' shared helpers: atomic result files and the HLO statistics that the
-profiling harness reports (issue 4). The experiments themselves are benchmarks, not tests."""
+profiling harness reports. The experiments themselves are benchmarks, not tests."""
 
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
-import common  # noqa: E402
-import profile_modes  # noqa: E402
+from experiments import common
+from experiments.probes import profile_modes
 
 
 def test_atomic_write_json_replaces_the_file_whole(tmp_path):

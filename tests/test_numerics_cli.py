@@ -1,15 +1,13 @@
-"""experiments/numerics.py --smoke: it runs, writes its results atomically, and what it
-measures holds together (the float32-stream policy makes the bfloat16 rebuild exact on this
-model; float32's drift is at float32 rounding)."""
+"""The numerics probe (experiments/probes/numerics.py) --smoke: it runs, writes its results
+atomically, and what it measures holds together (the float32-stream policy makes the
+bfloat16 rebuild exact on this model; float32's drift is at float32 rounding)."""
 
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments"))
-import numerics  # noqa: E402
+from experiments.probes import numerics
 
 
 def test_smoke_run(tmp_path, capsys):

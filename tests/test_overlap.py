@@ -1,4 +1,4 @@
-"""The GPU overlap check (experiments/overlap.py): its interval arithmetic on synthetic
+"""The GPU overlap check (experiments/probes/overlap.py): its interval arithmetic on synthetic
 kernels, its readers on synthetic traces, and a CPU smoke run of the command."""
 
 import json
@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
+from experiments.probes import overlap as ov
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-import overlap as ov  # noqa: E402
 
 
 def test_union_merges_nested_overlapping_and_touching_intervals():
@@ -91,7 +91,7 @@ def test_cpu_smoke_run_reports_no_streams(tmp_path):
     """The command end to end on CPU: traces are taken and read, no GPU stream is found, and
     the overlap is null with the reason, never a number."""
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-m", "experiments.overlap", "--smoke",
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench", "overlap", "--smoke",
                            "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

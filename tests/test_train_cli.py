@@ -1,5 +1,6 @@
-"""experiments/train.py: resume bit for bit, the data loaders on files in their formats, and
-bad input (a clear error, nothing half-written). Tiny configs: Rev-ViT-test at 8 px."""
+"""The training CLI (python -m experiments.train): resume bit for bit, the data loaders on
+files in their formats, and bad input (a clear error, nothing half-written). Tiny configs:
+Rev-ViT-test at 8 px."""
 
 import json
 import os
@@ -10,9 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import data as data_lib  # noqa: E402
-from experiments import train as cli  # noqa: E402
+from experiments.train import cli, jax_cli
+from experiments.train import data as data_lib
 
 TINY = ["--model", "rev-vit-test", "--img-size", "8", "--patch-size", "4", "--batch-size",
         "16", "--no-progress"]
@@ -45,8 +45,8 @@ def test_a_stopped_run_resumes_to_the_unbroken_runs_parameters_bit_for_bit(tmp_p
     assert not (tmp_path / "split" / "summary.json").exists()
     resumed = cli.train(args + ["--out", str(tmp_path / "split"), "--resume"])
     assert resumed["resumed_from"] == 3 and whole["resumed_from"] is None
-    assert _leaves_equal(cli.final_params(str(tmp_path / "whole")),
-                         cli.final_params(str(tmp_path / "split")))
+    assert _leaves_equal(jax_cli.final_params(str(tmp_path / "whole")),
+                         jax_cli.final_params(str(tmp_path / "split")))
     metrics = [(tmp_path / d / "metrics.jsonl").read_text() for d in ("whole", "split")]
     assert metrics[0] == metrics[1] and len(metrics[0].splitlines()) == 6
     assert resumed["eval_accuracy"] == whole["eval_accuracy"]
@@ -246,7 +246,7 @@ def test_a_killed_run_resumes_to_the_unbroken_runs_parameters_bit_for_bit(tmp_pa
     resumed = cli.train(args + ["--out", str(killed), "--resume"])
     assert 4 <= resumed["resumed_from"] < 120  # the line of step 5 may precede its save
     cli.train(args + ["--out", str(tmp_path / "whole"), "--ckpt-every", "60"])
-    assert _leaves_equal(cli.final_params(str(tmp_path / "whole")),
-                         cli.final_params(str(killed)))
+    assert _leaves_equal(jax_cli.final_params(str(tmp_path / "whole")),
+                         jax_cli.final_params(str(killed)))
     assert (killed / "metrics.jsonl").read_text() == (tmp_path / "whole" /
                                                       "metrics.jsonl").read_text()

@@ -1,20 +1,17 @@
-"""experiments/train.py --framework torch: a stopped run resumes to the unbroken run's
+"""The training CLI with --framework torch: a stopped run resumes to the unbroken run's
 state_dict bit for bit; a checkpoint of another model is refused clearly. Tiny configs:
 Rev-ViT-test at 8 px on digits, RoBERTa-test on the stdlib docstrings."""
 
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import data as data_lib  # noqa: E402
-from experiments import train as cli  # noqa: E402
-from experiments import train_torch  # noqa: E402
+from experiments.train import cli, torch_cli
+from experiments.train import data as data_lib
 
 TINY = ["--framework", "torch", "--model", "rev-vit-test", "--img-size", "8",
         "--patch-size", "4", "--batch-size", "16", "--no-progress", "--data", "digits"]
@@ -45,10 +42,10 @@ def test_a_stopped_run_resumes_to_the_unbroken_runs_state_dict_bit_for_bit(
         "step_00000002.pt", "step_00000003.pt"]
     resumed = cli.train(args + ["--out", str(tmp_path / "split"), "--resume"])
     assert resumed["resumed_from"] == 3 and whole["resumed_from"] is None
-    a = train_torch.final_state_dict(str(tmp_path / "whole"))
-    b = train_torch.final_state_dict(str(tmp_path / "split"))
+    a = torch_cli.final_state_dict(str(tmp_path / "whole"))
+    b = torch_cli.final_state_dict(str(tmp_path / "split"))
     assert _equal(a, b)
-    before = torch.load(train_torch.checkpoints(str(tmp_path / "whole"))[0][1],
+    before = torch.load(torch_cli.checkpoints(str(tmp_path / "whole"))[0][1],
                         weights_only=True)["model"]
     assert not _equal(a, before)  # step 4 -> 5 moved the weights
     metrics = [(tmp_path / d / "metrics.jsonl").read_text() for d in ("whole", "split")]
@@ -59,7 +56,7 @@ def test_a_stopped_run_resumes_to_the_unbroken_runs_state_dict_bit_for_bit(
     assert resumed["eval_loss"] == whole["eval_loss"]
     assert whole["framework"] == "torch" and whole["environment"]["torch"]
     assert whole["config"]["framework"] == "torch"
-    ck = torch.load(train_torch.checkpoints(str(tmp_path / "whole"))[-1][1],
+    ck = torch.load(torch_cli.checkpoints(str(tmp_path / "whole"))[-1][1],
                     weights_only=True)
     assert ck["step"] == 5 and set(ck) >= {"model", "optimizer", "scheduler", "rng",
                                             "data_position"}
@@ -117,7 +114,7 @@ def test_float16_trains_with_a_grad_scaler_and_is_torch_only(tmp_path):
     args = TINY + ["--steps", "3", "--dtype", "float16", "--mode", "reprop"]
     summary = cli.train(args + ["--out", str(tmp_path / "fp16")])
     assert summary["status"] == "done" and np.isfinite(summary["final_train_loss"])
-    ck = torch.load(train_torch.checkpoints(str(tmp_path / "fp16"))[-1][1], weights_only=True)
+    ck = torch.load(torch_cli.checkpoints(str(tmp_path / "fp16"))[-1][1], weights_only=True)
     assert ck["scaler"]["scale"] > 0
     assert all(v.dtype == torch.float32 for v in ck["model"].values() if v.is_floating_point())
     jax_args = [a for a in args if a not in ("--framework", "torch")]

@@ -1,8 +1,8 @@
-"""experiments/train.py --framework torch under torchrun (2 processes, gloo, CPU): DDP and
+"""The training CLI with --framework torch under torchrun (2 processes, gloo, CPU): DDP and
 FSDP2 runs end with the parameters of a 1-process run of the same global batch in every mode
 (float64), a stopped run resumes bit for bit, and bad launches fail clearly before anything
 is written. One torchrun launch runs tests/torchrun_train_worker.py (every distributed case);
-a second launches the CLI script itself with a bad setting."""
+a second launches the CLI itself (-m experiments.train) with a bad setting."""
 
 import json
 import os
@@ -13,10 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import data as data_lib  # noqa: E402
-from experiments import train as cli  # noqa: E402
-from experiments import train_torch  # noqa: E402
+from experiments.train import cli, torch_cli
+from experiments.train import data as data_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--framework", "torch", "--model", "rev-vit-test", "--img-size", "8",
@@ -71,15 +69,15 @@ def test_ddp_and_fsdp_equal_one_process_in_every_mode(tmp_path, monkeypatch):
     assert all(rcs[0][k] == 0 for k in rcs[0] if k not in ("three", "nan")), rcs[0]
     for mode in MODES:  # the 1-process references, in this process
         one = cli.train(BASE + ["--mode", mode, "--out", str(tmp_path / f"one_{mode}")])
-        ref = train_torch.final_state_dict(str(tmp_path / f"one_{mode}"))
-        first = torch.load(train_torch.checkpoints(str(tmp_path / f"one_{mode}"))[0][1],
+        ref = torch_cli.final_state_dict(str(tmp_path / f"one_{mode}"))
+        first = torch.load(torch_cli.checkpoints(str(tmp_path / f"one_{mode}"))[0][1],
                            weights_only=True)["model"]
         assert rel_diff(ref, first) > 1e-3  # steps 3-4 moved the weights
         ref_losses = [json.loads(x)["loss"] for x in
                       (tmp_path / f"one_{mode}" / "metrics.jsonl").read_text().splitlines()]
         for par in ("dp", "fsdp"):
             out = root / f"{par}_{mode}"
-            err = rel_diff(ref, train_torch.final_state_dict(str(out)))
+            err = rel_diff(ref, torch_cli.final_state_dict(str(out)))
             print(f"{par} {mode}: parameters max rel diff {err:.1e}")
             assert err <= 1e-9, (par, mode, err)
             losses = [json.loads(x)["loss"] for x in
@@ -92,11 +90,11 @@ def test_ddp_and_fsdp_equal_one_process_in_every_mode(tmp_path, monkeypatch):
             # rank 0 alone wrote, atomically: two checkpoints, nothing temporary
             assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002.pt",
                                                                "step_00000004.pt"]
-            ck = torch.load(train_torch.checkpoints(str(out))[-1][1], weights_only=True)
+            ck = torch.load(torch_cli.checkpoints(str(out))[-1][1], weights_only=True)
             assert ck["processes"] == 2 and len(ck["rng"]["ranks"]) == 2
     for par in ("dp", "fsdp"):  # stopped at 2, resumed: the unbroken run, bit for bit
-        a = train_torch.final_state_dict(str(root / f"{par}_pareprop"))
-        b = train_torch.final_state_dict(str(root / f"{par}_split"))
+        a = torch_cli.final_state_dict(str(root / f"{par}_pareprop"))
+        b = torch_cli.final_state_dict(str(root / f"{par}_split"))
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert ((root / f"{par}_pareprop" / "metrics.jsonl").read_text()
                 == (root / f"{par}_split" / "metrics.jsonl").read_text())
@@ -104,8 +102,8 @@ def test_ddp_and_fsdp_equal_one_process_in_every_mode(tmp_path, monkeypatch):
     from tests.torchrun_train_worker import few_docstrings
     monkeypatch.setattr(data_lib, "stdlib_docstrings", few_docstrings)
     cli.train(MLM + ["--out", str(tmp_path / "one_mlm")])
-    err = rel_diff(train_torch.final_state_dict(str(tmp_path / "one_mlm")),
-                   train_torch.final_state_dict(str(root / "mlm")))
+    err = rel_diff(torch_cli.final_state_dict(str(tmp_path / "one_mlm")),
+                   torch_cli.final_state_dict(str(root / "mlm")))
     print(f"dp mlm: parameters max rel diff {err:.1e}")
     assert err <= 1e-9
     # another process count: refused on both ranks, the run left as it was
@@ -115,16 +113,15 @@ def test_ddp_and_fsdp_equal_one_process_in_every_mode(tmp_path, monkeypatch):
     # a NaN in rank 1's shard stops both ranks at step 3, the checkpoint of step 2 kept
     assert rcs[0]["nan"] == 2
     assert "non-finite loss nan" in proc.stderr and "at step 3" in proc.stderr
-    assert train_torch.checkpoints(str(root / "nan"))[-1][0] == 2
+    assert torch_cli.checkpoints(str(root / "nan"))[-1][0] == 2
     steps = [json.loads(x)["step"] for x in (root / "nan" / "metrics.jsonl").read_text()
              .splitlines()]
     assert steps == [1, 2]
 
 
-def test_torchrun_of_the_cli_script_refuses_parallel_none(tmp_path):
+def test_torchrun_of_the_cli_refuses_parallel_none(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run(TORCHRUN + [os.path.join(ROOT, "experiments", "train.py"), *BASE,
-                                      "--out", str(out)],
+    proc = subprocess.run(TORCHRUN + ["-m", "experiments.train", *BASE, "--out", str(out)],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert ("error: torchrun started 2 processes but --parallel is none: pass --parallel dp "

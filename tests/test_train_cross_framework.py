@@ -8,9 +8,6 @@ tensor is a matrix, a float64 schedule and loss); the last one runs revjax.train
 make_optimizer and make_train_step, which must agree as closely (its schedule is computed in
 the default float dtype, float64 under x64, and its cross-entropy in float32 or wider)."""
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,13 +16,12 @@ import pytest
 import torch
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import revjax  # noqa: E402
-import revtorch  # noqa: E402
-from experiments import data as data_lib  # noqa: E402
-from revjax import train as JT  # noqa: E402
-from revjax.interop.torch import from_torch, to_torch  # noqa: E402
-from revtorch import train as TT  # noqa: E402
+import revjax
+import revtorch
+from experiments.train import data as data_lib
+from revjax import train as JT
+from revjax.interop.torch import from_torch, to_torch
+from revtorch import train as TT
 
 STEPS, TOTAL, WARMUP, LR, BATCH, SEED, WD = 5, 10, 2, 3e-3, 16, 0, 0.05
 KW = dict(depth=2, img_size=8, patch_size=4, num_classes=10)

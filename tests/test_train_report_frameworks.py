@@ -1,12 +1,12 @@
-"""train_sweep --framework torch names its cells apart and passes the flag; train_report keeps
-the frameworks' rows apart (a torch table after the jax one, targets per framework)."""
+"""The training sweep with --framework torch names its cells apart and passes the flag; its
+report keeps the frameworks' rows apart (a torch table after the jax one, targets per
+framework)."""
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import train_report, train_sweep  # noqa: E402
+from experiments.train import report as train_report
+from experiments.train import sweep as train_sweep
 
 
 def test_sweep_cells_per_framework():

@@ -1,7 +1,8 @@
 """Run under torchrun by tests/test_train_cli_torch_dist.py (not a test module itself):
-``experiments/train.py --framework torch`` with ``--parallel dp`` and ``fsdp`` in every mode,
-an MLM run under DDP, a stopped and resumed run of each, a resume with another process count
-and a non-finite loss on one rank's shard. Every rank records what ``cli.main`` returned."""
+the training CLI (``experiments.train.cli``) with ``--framework torch``, ``--parallel dp`` and
+``fsdp`` in every mode, an MLM run under DDP, a stopped and resumed run of each, a resume
+with another process count and a non-finite loss on one rank's shard. Every rank records
+what ``cli.main`` returned."""
 
 import json
 import os
@@ -10,10 +11,11 @@ import sys
 
 import torch
 
+# Run as a script, this folder comes first on sys.path, where tests/revtorch would shadow the
+# revtorch package: the repository root goes before it.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import data as data_lib  # noqa: E402
-from experiments import train as cli  # noqa: E402
-from experiments import train_torch  # noqa: E402
+from experiments.train import cli, torch_cli  # noqa: E402
+from experiments.train import data as data_lib  # noqa: E402
 
 
 def few_docstrings() -> dict:
@@ -38,7 +40,7 @@ def main(root: str, base: list[str], nan_data: str, mlm: list[str]) -> None:
     three = f"{root}/three"
     if rank == 0:
         shutil.copytree(f"{root}/dp_split", three)
-        path = train_torch.checkpoints(three)[-1][1]
+        path = torch_cli.checkpoints(three)[-1][1]
         ck = torch.load(path, weights_only=True)
         ck["rng"]["ranks"].append(ck["rng"]["ranks"][0])
         torch.save(ck, path)
@@ -52,7 +54,7 @@ def main(root: str, base: list[str], nan_data: str, mlm: list[str]) -> None:
                                 "--out", f"{root}/nan"])
     with open(f"{root}/rc_{rank}.json", "w") as f:
         json.dump(rc, f)
-    train_torch.leave(0)
+    torch_cli.leave(0)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ grads of layer i can overlap the rebuild of layer i-1). Without a GPU (``--smoke
 device) it runs a tiny config end to end and reports the streams it found, which are none:
 overlap is null, never a made-up number.
 
-    python -m experiments.overlap --smoke --out results/overlap
-    python -m experiments.overlap --model rev-vit-b --batch 32 --img 224 --out results/overlap
+    python -m experiments.bench overlap --smoke --out results/overlap
+    python -m experiments.bench overlap --model rev-vit-b --batch 32 --img 224 --out results/overlap
 """
 
 from __future__ import annotations
@@ -21,11 +21,9 @@ import itertools
 import json
 import os
 import re
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import atomic_write_json, environment, table  # noqa: E402
+from experiments.common import atomic_write_json, environment, table
 
 Interval = tuple[float, float]
 
@@ -252,7 +250,8 @@ def _summarise(result: dict, streams: dict, windows: list, depth: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m experiments.bench overlap",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny config (CPU-fast)")
     p.add_argument("--framework", choices=("jax", "torch", "both"), default="both")
     p.add_argument("--model", default="rev-vit-b")

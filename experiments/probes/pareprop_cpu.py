@@ -1,8 +1,8 @@
-"""PaReprop against Reprop and backprop on XLA:CPU: the issue-4 targets in one command.
+"""PaReprop against Reprop and backprop on XLA:CPU: the CPU targets in one command.
 
-    python experiments/pareprop_cpu.py                 # Rev-ViT-S at b8/224 and b1/96, + small
-    python experiments/pareprop_cpu.py --quick         # b1/96 and the small configs only
-    python experiments/pareprop_cpu.py --out results/pareprop_cpu.json
+    python -m experiments.bench pareprop-cpu             # Rev-ViT-S at b8/224 and b1/96, + small
+    python -m experiments.bench pareprop-cpu --quick     # b1/96 and the small configs only
+    python -m experiments.bench pareprop-cpu --out results/pareprop_cpu.json
 
 Each (config, variant) runs in its own process (XLA flags are read once per process) through
 ``profile_modes.profile``: the three modes of one config compiled side by side and timed
@@ -16,11 +16,11 @@ round-robin (interleaved medians), so machine drift hits every mode alike. Varia
   concurrency_optimized_scheduler=true``, an HLO schedule meant to let XLA:CPU's thunk
   executor run independent ops at once.
 
-The targets (issue 4, 2 CPU cores, Rev-ViT-S): pareprop >= 0.97x reprop's speed at batch 8 /
-224 px and batch 1 / 96 px; >= 1.2x where single ops leave cores idle; reprop's step time
-<= 1.33x backprop's. The table says, per row, which are met. The results file records the
-config, versions and machine, written atomically; the run resumes from it (``--out``): rows
-already there are not measured again.
+The targets (2 CPU cores, Rev-ViT-S; docs/pareprop-cpu.md): pareprop >= 0.97x reprop's
+speed at batch 8 / 224 px and batch 1 / 96 px; >= 1.2x where single ops leave cores idle;
+reprop's step time <= 1.33x backprop's. The table says, per row, which are met. The
+results file records the config, versions and machine, written atomically; the run resumes
+from it (``--out``): rows already there are not measured again.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import atomic_write_json, environment, table  # noqa: E402
+from experiments.common import atomic_write_json, environment, table
 
 # (label, model, img, batch, depth): the two target configs, then small ones where single
 # ops are too small to occupy two cores.
@@ -56,10 +55,10 @@ def run_one(label: str, variant: str, reps: int) -> dict:
     model, img, batch, depth = CONFIGS[label]
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS", ""), VARIANTS[variant]]))
-    code = ("import json, sys; sys.path.insert(0, 'experiments'); import profile_modes; "
+    code = ("import json; from experiments.probes import profile_modes; "
             f"print('ROWS' + json.dumps(profile_modes.profile({model!r}, {img}, {batch}, "
             f"{depth!r}, {reps}, None)))")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, check=True,
                          capture_output=True, text=True).stdout
     rows = json.loads(out.split("ROWS", 1)[1])
@@ -85,7 +84,8 @@ def summary(label: str, variant: str, rows: dict) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench pareprop-cpu",
+                                 description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="skip the batch-8 / 224 px config")
     ap.add_argument("--configs", nargs="*", choices=list(CONFIGS), default=None)

@@ -14,8 +14,8 @@ directly: near 1 for two chains means the second core sat idle.
 
 Each XLA flag set runs in its own process (XLA reads flags once per process):
 
-    python experiments/xla_cpu_overlap.py                      # the default flag sets
-    python experiments/xla_cpu_overlap.py --sizes 32 128 --out results/overlap.json
+    python -m experiments.bench xla-cpu-overlap             # the default flag sets
+    python -m experiments.bench xla-cpu-overlap --sizes 32 128 --out results/overlap.json
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import atomic_write_json, environment, table  # noqa: E402
+from experiments.common import (atomic_write_json, cores_busy, environment,
+                                interleaved_medians, table)
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FLAG_SETS = {
     "default": "",
     "scheduler=concurrency":
@@ -48,7 +49,6 @@ def measure(sizes: list[int], steps: int, reps: int) -> list[dict]:
     """In this process: per width, the time of one chain and of two independent chains."""
     import jax
     import jax.numpy as jnp
-    from common import cores_busy, interleaved_medians
 
     @jax.jit
     def chains(xs, ws):
@@ -100,7 +100,8 @@ def measure(sizes: list[int], steps: int, reps: int) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench xla-cpu-overlap",
+                                 description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[64, 128, 256, 512])
     ap.add_argument("--steps", type=int, default=60)
@@ -116,10 +117,11 @@ def main(argv=None) -> None:
     for label in args.flags:
         env = dict(os.environ)
         env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS", ""), FLAG_SETS[label]]))
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child",
+        out = subprocess.run([sys.executable, "-m", "experiments.probes.xla_cpu_overlap", "--child",
                               "--sizes", *map(str, args.sizes), "--steps", str(args.steps),
                               "--reps", str(args.reps)],
-                             env=env, check=True, capture_output=True, text=True).stdout
+                             env=env, cwd=ROOT, check=True, capture_output=True,
+                             text=True).stdout
         rows += [{"flags": label, **r} for r in json.loads(out.split("ROWS", 1)[1])]
     print(table(rows, list(dict.fromkeys(k for r in rows for k in r))))
     if args.out:

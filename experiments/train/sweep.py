@@ -1,16 +1,17 @@
 """The no-accuracy-drop experiment: every cell of (model, mode, dtype, seed) trained with the
-same schedule by ``experiments/train.py``, one command, resumable.
+same schedule by the training CLI (``experiments/train/cli.py``), one command, resumable.
 
-    python -m experiments.train_sweep [--out results/train/runs] [--seeds 0 1 2] [--only vit]
-    python -m experiments.train_sweep --framework torch --only vit   # the revtorch twins
+    python -m experiments.train.sweep [--out results/train/runs] [--seeds 0 1 2] [--only vit]
+    python -m experiments.train.sweep --framework torch --only vit   # the revtorch twins
 
 Cells: on digits (16 px), Rev-ViT (backprop, reprop, pareprop) vs ViT of the same width and
 depth, and Rev-Swin vs Swin, in float32 and bfloat16; then masked-LM on the standard
 library's docstrings (byte-level), Rev-RoBERTa vs RoBERTa, float32. A cell with a
 ``summary.json`` is skipped; one with a checkpoint continues from it. Seed 0 of every cell
-runs first, so a partial sweep already compares every model. ``experiments/train_report.py``
-aggregates the results. ``--framework torch`` runs the same cells with ``revtorch`` (same
-flags, data, batch order and seeds; cell names start with ``torch_``).
+runs first, so a partial sweep already compares every model. ``python -m
+experiments.train.report`` aggregates the results. ``--framework torch`` runs the same cells
+with ``revtorch`` (same flags, data, batch order and seeds; cell names start with
+``torch_``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import time
 
 from tqdm import tqdm
 
-from experiments import train as train_cli
+from experiments.train import cli
+from experiments.train.config import FRAMEWORKS
 
 # (family, reversible name, standard name, shared CLI arguments)
 VISION = {
@@ -60,12 +62,12 @@ def cells(seeds, only=None, framework="jax"):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m experiments.train.sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="results/train/runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--only", nargs="+", choices=("vit", "swin", "roberta"))
-    p.add_argument("--framework", default="jax", choices=train_cli.FRAMEWORKS)
+    p.add_argument("--framework", default="jax", choices=FRAMEWORKS)
     args = p.parse_args(argv)
     todo = cells(args.seeds, args.only, args.framework)
     bar = tqdm(todo, desc="sweep", dynamic_ncols=True)
@@ -76,7 +78,7 @@ def main(argv=None) -> None:
         bar.set_postfix_str(name)
         resume = os.path.exists(os.path.join(out, "config.json"))
         t = time.time()
-        summary = train_cli.train([*cell_argv, "--out", out, "--no-progress",
+        summary = cli.train([*cell_argv, "--out", out, "--no-progress",
                                    *(["--resume"] if resume else [])])
         metric = summary.get("eval_accuracy", summary.get("eval_loss"))
         tqdm.write(f"{name}: {metric:.4f} ({time.time() - t:.0f} s)")

@@ -7,9 +7,9 @@ compiled program does: op counts by kind for the whole module and for the backwa
 body (fusions, dots/convolutions, copies, dynamic slices), the loop's carried buffer count
 and bytes.
 
-    python experiments/profile_modes.py --model rev-vit-s --img 96 --batch 1
-    python experiments/profile_modes.py --model rev-vit-s --img 224 --batch 8 --reps 5
-    python experiments/profile_modes.py ... --dump results/hlo   # write the optimised HLO
+    python -m experiments.bench profile --model rev-vit-s --img 96 --batch 1
+    python -m experiments.bench profile --model rev-vit-s --img 224 --batch 8 --reps 5
+    python -m experiments.bench profile ... --dump results/hlo   # write the optimised HLO
 """
 
 from __future__ import annotations
@@ -18,17 +18,15 @@ import argparse
 import collections
 import os
 import re
-import sys
 
 import jax
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (atomic_write_json, cores_busy, environment,  # noqa: E402
-                    interleaved_medians, table)
+import revjax
+from revjax.train import cross_entropy_loss
 
-import revjax  # noqa: E402
-from revjax.train import cross_entropy_loss  # noqa: E402
+from experiments.common import (atomic_write_json, cores_busy, environment,
+                                interleaved_medians, table)
 
 _OP = re.compile(r"^\s*(?:ROOT )?%?[\w.\-]+ = (\S+?)(?:\[[^\]]*\])?(?:\{[^}]*\})? ([\w\-]+)\(",
                  re.M)
@@ -138,7 +136,8 @@ def profile(name: str, img: int, batch: int, depth: int | None, reps: int,
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench profile",
+                                 description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="rev-vit-s")
     ap.add_argument("--img", type=int, default=96)

@@ -1,5 +1,5 @@
-"""Data for ``experiments/train.py``: image sets (NHWC float32, labels int32) and byte-level
-text, each with a deterministic train/test split, and the batch order as a pure function of
+"""Data for the training CLI: image sets (NHWC float32, labels int32) and byte-level text,
+each with a deterministic train/test split, and the batch order as a pure function of
 (seed, step), so that a resumed run sees the batches an unbroken run would.
 
 - ``digits``: scikit-learn's 8x8 handwritten digits (1797 images, shipped with the package),

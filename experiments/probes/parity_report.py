@@ -5,25 +5,20 @@ For each model, dtype, depth and (jax mode, torch mode) pair, on the same weight
 depths, shown as depth None; token ids with a padding mask for RoBERTa, at depth 2): the forward
 outputs (the plain forward and the differentiated one) and the gradients (every parameter
 leaf, and the images: token ids are not differentiated), as ``max|jax - torch| / max|torch|``.
-The computation is the parity suite's (``experiments/parity.py``); this prints it as a
+The computation is the parity suite's (``experiments/probes/parity.py``); this prints it as a
 markdown table and writes ``results/parity.json``.
 
-    python experiments/parity_report.py                 # all cases, ~6 min on 2 CPU cores
-    python experiments/parity_report.py --gpu           # also PaReprop vs Reprop speed on GPU
+    python -m experiments.bench parity          # all cases, ~6 min on 2 CPU cores
+    python -m experiments.bench parity --gpu    # also PaReprop vs Reprop speed on GPU
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(1, os.path.dirname(HERE))  # the repository root: experiments.parity
-from common import atomic_write_json, environment, table  # noqa: E402
-
-from experiments import parity  # noqa: E402
+from experiments.common import atomic_write_json, environment, table
+from experiments.probes import parity
 
 COLUMNS = ("model", "dtype", "depth", "jax mode", "torch mode", "forward", "gradients",
            "worst leaf", "tol fwd/grad", "ok")
@@ -75,15 +70,15 @@ def gpu_rows() -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench parity",
+                                 description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+",
                     default=[*parity.MODELS, *parity.ROBERTA_MODELS, *parity.SWIN_MODELS,
                              *parity.MVIT_MODELS])
     ap.add_argument("--dtypes", nargs="+", default=list(parity.DTYPES))
     ap.add_argument("--depths", nargs="+", type=int, default=list(parity.DEPTHS))
     ap.add_argument("--gpu", action="store_true", help="also time PaReprop vs Reprop on GPU")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(HERE), "results",
-                                                  "parity.json"))
+    ap.add_argument("--out", default="results/parity.json")
     args = ap.parse_args(argv)
     results = rows(args.models, args.dtypes, args.depths)
     for dtype in args.dtypes:

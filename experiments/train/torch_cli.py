@@ -1,4 +1,4 @@
-"""The ``--framework torch`` path of ``experiments/train.py``: the same flags, data, batch
+"""The torch path of the training CLI (``--framework torch``): the same flags, data, batch
 order and outputs (``config.json``, ``metrics.jsonl``, ``summary.json``) with a
 ``revtorch.models`` model, ``revtorch.train``'s AdamW + warm-up/cosine schedule and
 ``torch.save`` checkpoints.
@@ -35,10 +35,10 @@ import time
 
 import numpy as np
 
-from experiments import data as data_lib
 from experiments.common import atomic_write_json
-from experiments.train import (ConfigError, TrainingError, _rewrite_metrics, _task,
-                               check_resume, load_dataset, model_overrides)
+from experiments.train import data as data_lib
+from experiments.train.config import (ConfigError, TrainingError, check_resume, load_dataset,
+                                      model_overrides, rewrite_metrics, task_of)
 
 _CKPT = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -191,7 +191,7 @@ def check_config(cfg: dict) -> data_lib.Dataset:
     if cfg["data"] not in data_lib.DATASETS:
         raise data_lib.DataError(f"unknown dataset {cfg['data']!r}; known: "
                                  f"{', '.join(data_lib.DATASETS)}")
-    task = _task(cfg["model"])
+    task = task_of(cfg["model"])
     if (task == "mlm") != (cfg["data"] in data_lib.TEXT_DATASETS):
         kind = "a text" if task == "mlm" else "an image"
         raise ConfigError(f"model {cfg['model']} needs {kind} dataset, got {cfg['data']!r}")
@@ -277,7 +277,7 @@ def train(args, cfg: dict, out: str) -> dict:
     from revtorch import mlm
     from revtorch import train as T
 
-    task, mode, par = _task(cfg["model"]), cfg["mode"], cfg["parallel"]
+    task, mode, par = task_of(cfg["model"]), cfg["mode"], cfg["parallel"]
     lead = group.rank == 0
     torch.manual_seed(cfg["seed"])
     model = revtorch.models.build(cfg["model"], mode=mode, **_overrides(cfg, dataset))
@@ -345,7 +345,7 @@ def train(args, cfg: dict, out: str) -> dict:
         if not args.resume:
             atomic_write_json(os.path.join(out, "config.json"), cfg)
         os.makedirs(ckpt_dir, exist_ok=True)
-        _rewrite_metrics(metrics_path, start)
+        rewrite_metrics(metrics_path, start)
 
     per_epoch = len(dataset.train.x) // cfg["batch_size"]
 

@@ -1,8 +1,8 @@
-"""Numerics of the reversible backward (issue 18): rebuild drift and gradient error per
-precision, with and without the float32-stream policy and anchors (revjax).
+"""Numerics of the reversible backward: rebuild drift and gradient error per precision, with
+and without the float32-stream policy and anchors (revjax).
 
-    python -m experiments.numerics            # default grid, a few minutes on 2 cores
-    python -m experiments.numerics --smoke    # ~30 s
+    python -m experiments.bench numerics            # default grid, a few minutes on 2 cores
+    python -m experiments.bench numerics --smoke    # ~30 s
 
 For Rev-ViT (width 64, 4 heads, 16x16 digits-sized images, patch 4: 16 tokens) at depths
 4..24, Rev-Swin (``rev-swin-test``) and Rev-RoBERTa (``rev-roberta-test``), with the models'
@@ -31,21 +31,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import atomic_write_json, environment, table  # noqa: E402
+from experiments.common import atomic_write_json, environment, table
 
 DTYPES = ("float32", "bfloat16", "float16")
 VIT = dict(dim=64, heads=4, img_size=16, patch_size=4, num_classes=10)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.numerics", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m experiments.bench numerics", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a ~40 s grid (Rev-ViT depth 2, "
                    "float32 and bfloat16, k=1; no training, Swin or RoBERTa)")
@@ -175,7 +173,7 @@ def _init(name, overrides, seed):
 def vit_subject(depth, args, params=None, label="random"):
     import jax.numpy as jnp
 
-    from experiments import data as data_lib
+    from experiments.train import data as data_lib
 
     overrides = dict(args.vit, depth=depth)
     data = data_lib.load("digits", img_size=args.vit["img_size"])
@@ -191,8 +189,9 @@ def trained_vit(args):
     from flax import nnx
 
     import revjax
-    from experiments import data as data_lib
     from revjax import train
+
+    from experiments.train import data as data_lib
 
     overrides = dict(args.vit, depth=args.train_depth)
     model = revjax.models.build("rev-vit-test", rngs=nnx.Rngs(args.seed), **overrides)
@@ -302,7 +301,7 @@ def tables(rows) -> str:
 
 
 def targets(rows) -> list[dict]:
-    """The issue's targets, per (model, weights, depth, dtype below float32)."""
+    """The targets, per (model, weights, depth, dtype below float32)."""
     out = []
     index = {(r["model"], r["weights"], r["depth"], r["dtype"], r["policy"],
               r["anchor_every"]): r for r in rows}

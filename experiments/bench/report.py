@@ -15,15 +15,13 @@ import argparse
 import collections
 import math
 import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import table  # noqa: E402
+from experiments.bench.cells import ORDER
+from experiments.bench.results import RESULTS, load
+from experiments.common import table
 
 MiB, GiB = 2**20, 2**30
-ORDER = ("standard", "remat", "remat-dots", "rev-backprop", "reprop", "pareprop",
-         "pareprop+streams")
 
 
 def measure(row: dict) -> float | None:
@@ -143,31 +141,55 @@ def framework_table(speed: list[dict]) -> list[dict]:
     return out
 
 
+REVERSIBLE = ("reprop", "pareprop", "pareprop+streams")
+
+
 def headline_table(mem: list[dict], where: str) -> list[dict]:
-    """One row per model (default depth): memory per sample of each method, the reversible
-    saving over the standard twin and over remat, and the largest batch in the budget."""
+    """One row per model (default depth): memory per sample of each method, each reversible
+    method against remat (below 1: it needs less) and the standard twin's multiple of it,
+    and the largest batch in the budget."""
     by = collections.defaultdict(dict)
     for r in mem:
         if r["where"] == where and r["depth"] is None and r["dtype"] == "float32":
             by[(r["model"], r["size"])][r["method"]] = r
     streams = any("pareprop+streams" in m for m in by.values())
+    reversible = [k for k in REVERSIBLE if streams or k != "pareprop+streams"]
     out = []
     for (model, size), m in sorted(by.items()):
         mib = lambda k: m[k]["MiB/sample"] if k in m else None
         ratio = lambda a, b: mib(a) / mib(b) if mib(a) and mib(b) else None
         row = {"model": f"{model} ({size})"}
-        methods = ["standard", "remat", "reprop", "pareprop"]
-        if streams:
-            methods.append("pareprop+streams")
-        for k in methods:
+        for k in ["standard", "remat", *reversible]:
             row[f"{k} MiB/sample"] = mib(k)
-        row["standard / reprop"] = ratio("standard", "reprop")
-        row["standard / pareprop"] = ratio("standard", "pareprop")
-        row["remat / reprop"] = ratio("remat", "reprop")
+        for k in reversible:
+            row[f"{k} / remat"] = ratio(k, "remat")
+        for k in reversible:
+            row[f"standard / {k}"] = ratio("standard", k)
         for k in ("standard", "remat", "reprop", "pareprop"):
             row[f"max batch {k}"] = m[k]["max batch"] if k in m else None
         out.append(row)
     return out
+
+
+def headline_lines(rows: list[dict]) -> list[str]:
+    """``headline_table``'s ratios in words, a line per model and reversible method, saying
+    plainly where the method is not below remat (or not below the standard twin)."""
+    lines = []
+    for row in rows:
+        for k in REVERSIBLE:
+            mib = row.get(f"{k} MiB/sample")
+            if mib is None:
+                continue
+            text = f"{row['model']} {k}: {mib:.3g} MiB/sample"
+            vs_remat, vs_standard = row.get(f"{k} / remat"), row.get(f"standard / {k}")
+            if vs_remat is not None:
+                text += f", {vs_remat:.2f}x remat" + (
+                    "" if vs_remat < 1 else ", NOT below remat")
+            if vs_standard is not None:
+                text += (f", {vs_standard:.3g}x below standard" if vs_standard > 1
+                         else f", {1 / vs_standard:.3g}x standard, NOT below standard")
+            lines.append(text)
+    return lines
 
 
 def _fmt(rows: list[dict]) -> list[dict]:
@@ -289,9 +311,6 @@ def plot_speedup(speed_rows, path) -> bool:
 
 
 def build(results: str, budget_gib: float) -> tuple[str, list[str]]:
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench import load
-
     cells = load(os.path.join(results, "cells.jsonl"))
     mem, speed = memory_table(cells, budget_gib), speed_table(cells)
     depth = depth_table(mem)
@@ -300,8 +319,10 @@ def build(results: str, budget_gib: float) -> tuple[str, list[str]]:
     for where in sorted({r["where"] for r in mem}):
         rows = headline_table(mem, where)
         if rows:
+            words = "".join(f"- {line}\n" for line in headline_lines(rows))
             parts.append(f"## Headline, {where}: memory per sample (MiB), largest batch in "
-                         f"{budget_gib:g} GiB\n\n{table(_fmt(rows), _columns(rows))}\n")
+                         f"{budget_gib:g} GiB\n\n{table(_fmt(rows), _columns(rows))}\n\n"
+                         f"{words}")
     for title, rows in [
             (f"Memory per sample (slope over batch) and the largest batch in {budget_gib:g} "
              "GiB", mem),
@@ -325,22 +346,30 @@ def build(results: str, budget_gib: float) -> tuple[str, list[str]]:
     return "\n".join(parts), figures
 
 
+def write(results: str, budget_gib: float = 80.0) -> tuple[str, list[str]]:
+    """Write ``report.md`` and the figures into ``results`` (atomically); returns the text
+    and the paths written."""
+    os.makedirs(results, exist_ok=True)
+    text, figures = build(results, budget_gib)
+    path = os.path.join(results, "report.md")
+    fd, tmp = tempfile.mkstemp(dir=results, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n" + "".join(f"![{n}]({n})\n" for n in figures))
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return text, [path, *(os.path.join(results, n) for n in figures)]
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--results", default="results/bench")
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench report",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--results", default=RESULTS)
     ap.add_argument("--budget-gib", type=float, default=80.0)
     args = ap.parse_args(argv)
-    os.makedirs(args.results, exist_ok=True)
-    text, figures = build(args.results, args.budget_gib)
-    path = os.path.join(args.results, "report.md")
-    fd, tmp = tempfile.mkstemp(dir=args.results, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text + "\n" + "".join(f"![{n}]({n})\n" for n in figures))
-    os.replace(tmp, path)
+    text, paths = write(args.results, args.budget_gib)
     print(text)
-    print("wrote", path, *figures)
+    print("wrote", *paths)
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

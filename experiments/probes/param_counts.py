@@ -1,21 +1,17 @@
 """Parameter counts of every registered family, without allocating (``nnx.eval_shape``),
 beside the standard models' published counts.
 
-    python experiments/param_counts.py
+    python -m experiments.bench params
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import jax
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import table  # noqa: E402
+import revjax
 
-import revjax  # noqa: E402
+from experiments.common import table
 
 # Published counts (millions) of the standard models, with their class token where they
 # have one: DeiT-Ti/S (Touvron et al., 2021), ViT-B/L/H (Dosovitskiy et al., 2021),

@@ -3,12 +3,14 @@ every mode, and read what the compiled program says: does it compile, XLA:GPU's 
 and (pareprop with ``revjax.streams.GPU_STREAMS``) how much the two streams' work overlaps in
 the scheduled loop body.
 
-    python -m experiments.gpu_compile                      # the test configs
-    python -m experiments.gpu_compile --models rev-vit-b --batch 2 6 --img 224
+    python -m experiments.bench gpu-compile                      # the test configs
+    python -m experiments.bench gpu-compile --models rev-vit-b --batch 2 6 --img 224
 
-Needs the CUDA plugin (``pip install -e '.[gpu-compile]'``). Writes
-``results/gpu_compile.json`` (atomically, with versions and machine); ``--memory-slope``
-batches give the per-sample figure (temp bytes slope between the two batch sizes).
+Needs the CUDA compile plugin. Where this process does not see it (``make`` installs it
+apart, in ``.venv/gpu-compile``, so that ``import jax`` in the venv stays quiet on CPU), the
+command reruns itself in a subprocess that does (``revjax.gpu.rerun_with_plugin``). Writes
+``results/gpu_compile.json`` (atomically, with versions and machine); two ``--batch`` sizes
+give the per-sample figure (temp bytes slope between them).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from flax import nnx  # noqa: E402
 import revjax  # noqa: E402
 import revjax.streams  # noqa: E402
 from revjax import gpu  # noqa: E402
+
+from experiments.common import atomic_write_json, environment, table  # noqa: E402
 
 FAMILIES = ("rev-vit-test", "rev-swin-test", "rev-mvit-test", "rev-roberta-test")
 # Depth overrides that give every test config a backward loop of at least two steps.
@@ -78,10 +82,9 @@ def compile_step(name: str, mode: str, topo, *, streams: bool = False, optimizer
 
 
 def main(argv=None) -> int:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from experiments.common import atomic_write_json, environment, table
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="python -m experiments.bench gpu-compile",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(FAMILIES))
     p.add_argument("--batch", type=int, nargs="+", default=[2],
                    help="one batch size, or two for the per-sample memory slope")
@@ -89,6 +92,13 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--out", default="results/gpu_compile.json")
     args = p.parse_args(argv)
+    try:  # None: this process sees the plugin
+        rc = gpu.rerun_with_plugin("experiments.probes.gpu_compile", argv)
+    except RuntimeError as e:  # not installed at all
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if rc is not None:
+        return rc
     topo = gpu.topology("h200")
     rows = []
     variants = [("backprop", False), ("reprop", False), ("pareprop", False), ("pareprop", True)]

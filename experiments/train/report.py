@@ -1,10 +1,10 @@
-"""Aggregate ``experiments/train_sweep.py``: test accuracy mean ± spread per model, mode and
-dtype, the targets (reversible vs standard within 1 point or the seeds' spread; bf16 within 1
-point of float32), the largest loss-curve difference between modes for one seed, MLM eval
-losses; a markdown table, ``report.json`` and two PNG plots (jax). Runs of
-``train_sweep.py --framework torch`` get a table and targets of their own, after the jax ones.
+"""Aggregate the training sweep (``experiments/train/sweep.py``): test accuracy mean ± spread
+per model, mode and dtype, the targets (reversible vs standard within 1 point or the seeds'
+spread; bf16 within 1 point of float32), the largest loss-curve difference between modes for
+one seed, MLM eval losses; a markdown table, ``report.json`` and two PNG plots (jax). Runs of
+``sweep --framework torch`` get a table and targets of their own, after the jax ones.
 
-    python -m experiments.train_report [--runs results/train/runs] [--out results/train]
+    python -m experiments.train.report [--runs results/train/runs] [--out results/train]
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def unigram_baseline(seq_len: int = 64) -> float:
     an MLM that ignores the context reaches (it sees the same masked-token distribution)."""
     import numpy as np
 
-    from experiments import data as data_lib
+    from experiments.train import data as data_lib
 
     d = data_lib.load("stdlib-docstrings", length=seq_len)
     train, test = d.train.x[d.train.x < 256], d.test.x[d.test.x < 256]
@@ -230,7 +230,8 @@ def plots(rows, out: str) -> list[str]:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m experiments.train.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="results/train/runs")
     p.add_argument("--out", default="results/train")
     args = p.parse_args(argv)
@@ -242,7 +243,8 @@ def main(argv=None) -> None:
     torch_checks, torch_curves = targets(torch_rows), mode_curves(torch_rows)
     if torch_rows:
         md += "\n" + markdown(torch_rows, torch_checks, torch_curves,
-                              title="torch (revtorch, `train_sweep.py --framework torch`):")
+                              title="torch (revtorch, `python -m experiments.train.sweep "
+                              "--framework torch`):")
     os.makedirs(args.out, exist_ok=True)
     tmp = os.path.join(args.out, "table.md.tmp")
     with open(tmp, "w") as f:
