@@ -1,5 +1,5 @@
 """The cross-framework comparison, written once: the parity tests (``parity_tests/``) assert
-on it and ``experiments/parity_report.py`` (``python -m experiments.bench parity``) tabulates
+on it and ``parity_report.py`` (``python -m experiments.bench parity``) tabulates
 it.
 
 A case is (model, dtype, depth). Its two models hold the same weights: the revtorch model is
