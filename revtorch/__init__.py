@@ -14,7 +14,8 @@ The PyTorch twin of ``revjax`` (see docs/conventions.md). Public API:
 """
 
 from revtorch import models
-from revtorch.core import MODES, RebuildError, check_rebuild, rebuild_errors, reversible
+from revtorch.core import MODES, reversible
+from revtorch.rebuild import RebuildError, check_rebuild, rebuild_errors
 from revtorch.stack import REMAT_POLICIES, ResidualStack, RevStack, check_rebuilds, set_remat
 
 __version__ = "0.1.0"

@@ -1,29 +1,43 @@
-"""The reversible core: a stack of two-stream blocks and its memory-saving backward passes.
+"""The reversible core: a stack of two-stream layers and its memory-saving backward passes.
 
-One layer (RevNet, Gomez et al. 2017; Reversible ViT, Mangalam et al. 2022)::
+Layer i maps (X1, X2) to (Y1, Y2) in two halves, F then G (RevNet, Gomez et al. 2017;
+Reversible ViT, Mangalam et al. 2022)::
 
-    Y1 = X1 + F(X2)          X2 = Y2 - G(Y1)
+    Y1 = X1 + F(X2)          X2 = Y2 - G(Y1)      (inverse, used by the backward)
     Y2 = X2 + G(Y1)          X1 = Y1 - F(X2)
+
+The backward walks the halves from the top, G_{D-1}, F_{D-1}, G_{D-2}, ..., G_0, F_0, along
+two chains (``_Half``):
+
+- the rebuild chain: G_i from (Y1, Y2) computes G(Y1) with its graph kept (leaf Y1) and
+  X2 = Y2 - G(Y1); F_i from (Y1, X2) computes F(X2) with its graph kept (leaf X2) and
+  X1 = Y1 - F(X2). At an anchor the exact stored stream replaces the rebuilt one. The
+  rebuild of half k+1 needs only the streams half k rebuilt, never a gradient.
+- the gradient chain: G_i takes dX1 = dY1 + dG^T dY2 (G's parameters get dG^T dY2's share
+  in ``.grad``); F_i takes dX2 = dY2 + dF^T dX1 (F's parameters likewise). The gradient of
+  half k needs half k's graph and the gradient of half k-1.
 
 Modes (``MODES``):
 
 - ``backprop``: plain autograd through the layers; every layer's activations are saved.
-- ``reprop``: the forward runs under ``no_grad`` and saves only the top outputs (Y1, Y2);
-  the backward walks the layers from the top, rebuilding each layer's inputs from its outputs
-  and backpropagating through the rebuilt sub-blocks, one sub-block graph alive at a time.
-- ``pareprop`` (PaReprop, Zhu et al. 2023): the same backward, each layer split into a
-  *rebuild* (G(Y1), X2, F(X2), X1 with graphs kept) and its *grads* (backward through the
-  kept graphs); the grads of layer i overlap with the rebuild of layer i-1. On CUDA they run
-  on two streams; elsewhere the same schedule runs in order.
+- ``reprop``: the forward runs under ``no_grad`` and saves only (Y1, Y2); the backward
+  rebuilds each half and at once backpropagates it, one half's graph alive at a time.
+- ``pareprop`` (PaReprop, Zhu et al. 2023), at the granularity of halves: at step k the
+  gradient of half k and the rebuild of half k+1 share no data (the rebuild reads only the
+  streams half k rebuilt; the gradient reads half k's graph and the cotangents), so they
+  run side by side: after rebuilding G_{D-1}, per layer from the top, (a) the gradient of
+  G_i beside the rebuild of F_i, (b) the gradient of F_i beside the rebuild of G_{i-1}. A
+  half's graph lives from its rebuild (one step) to its gradient (the next), so at most two
+  halves' graphs are alive, as in reprop's layer (G's and F's), and the cost stays one
+  forward and one backward per half. On CUDA G halves run on one stream and F halves on
+  another (``streams``); elsewhere the same schedule runs in order.
 
-Numerics options (as revjax's; docs/numerics.md has the measurements): ``stream_dtype`` (the
-precision policy: the two streams and the inverse's subtractions in e.g. float32 while F and G
-compute in the inputs' dtype), ``anchor_every=k`` (the exact stream pair stored every k layers,
-where the backward's rebuild restarts) and ``check_rebuild`` / ``rebuild_errors`` (per-layer
-relative error of the rebuilt inputs against stored ones, raising or warning past a threshold).
+Numerics options (``numerics``): ``stream_dtype`` (the precision policy) and
+``anchor_every`` (exact stream pairs saved every k layers, where the rebuild restarts); the
+rebuild check is in ``rebuild``. docs/numerics.md has the measurements.
 
 Parameter gradients (reprop, pareprop) accumulate into ``.grad`` through
-``torch.autograd.backward`` on each rebuilt sub-graph, as in reentrant activation
+``torch.autograd.backward`` on each rebuilt half's graph, as in reentrant activation
 checkpointing, so optimizers, clipping, AMP grad scalers and DDP hooks see them the normal way.
 The autograd Function returns gradients for X1 and X2 only. Consequences, each a clear error:
 ``torch.autograd.grad`` and ``backward(inputs=...)`` are refused while F or G has parameters
@@ -37,15 +51,17 @@ normally. ``torch.func`` transforms are not supported for reprop/pareprop.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from . import streams
+from .numerics import anchor_at, anchor_every_of, stream_dtype_of, with_policy
+from .streams import CALLER, InOrderStreams
+
 MODES = ("backprop", "reprop", "pareprop")
-CALLER = 2  # stream index of the caller's stream; 0 and 1 are pareprop's two work streams
+G_STREAM, F_STREAM = 0, 1  # pareprop's work streams: G halves on one, F halves on the other
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,55 +107,6 @@ def _forward(fs, gs, x1: Tensor, x2: Tensor, shared, per_layer, anchors=None
     return x1, x2
 
 
-class _InCompute(nn.Module):
-    """The precision policy for one half: ``m`` runs on its input cast to ``compute`` (the
-    inputs' dtype) and its output is cast to ``stream`` before the residual addition."""
-
-    def __init__(self, m: nn.Module, compute: torch.dtype, stream: torch.dtype) -> None:
-        super().__init__()
-        self.m, self.compute, self.stream = m, compute, stream
-
-    def forward(self, x, *shared, **kw):
-        return self.m(x.to(self.compute), *shared, **kw).to(self.stream)
-
-
-def _stream_dtype(stream_dtype) -> torch.dtype | None:
-    """``stream_dtype`` (None, a name like ``"float32"`` or a ``torch.dtype``) as a floating
-    ``torch.dtype``."""
-    if stream_dtype is None:
-        return None
-    dtype = stream_dtype
-    if isinstance(stream_dtype, str):
-        dtype = getattr(torch, stream_dtype.removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown stream_dtype {stream_dtype!r}; use None or a floating "
-                         "dtype such as 'float32'")
-    if not dtype.is_floating_point:
-        raise ValueError(f"stream_dtype must be a floating dtype, got {dtype}")
-    return dtype
-
-
-def _anchor_every(anchor_every) -> int | None:
-    """``anchor_every``: None or a positive int."""
-    if anchor_every is None:
-        return None
-    if isinstance(anchor_every, bool) or not isinstance(anchor_every, int):
-        raise TypeError(f"anchor_every must be None or an int, got {anchor_every!r}")
-    if anchor_every < 1:
-        raise ValueError(f"anchor_every must be at least 1 (or None), got {anchor_every}")
-    return anchor_every
-
-
-def _with_policy(fs, gs, x1, x2, stream):
-    """``(fs, gs, x1, x2)`` under the precision policy: the streams cast to ``stream`` and the
-    halves computing in the inputs' dtype; unchanged when that is ``stream`` or it is None."""
-    if stream is None or stream == x1.dtype:
-        return fs, gs, x1, x2
-    compute = x1.dtype
-    wrap = lambda ms: [_InCompute(m, compute, stream) for m in ms]  # noqa: E731
-    return wrap(fs), wrap(gs), x1.to(stream), x2.to(stream)
-
-
 @torch.no_grad()
 def inverse(
     fs: Sequence[nn.Module],
@@ -159,162 +126,106 @@ def inverse(
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward building blocks.
+# The two chains, one half at a time.
 
 
-def _vjp(out: Tensor, cotangent: Tensor, leaf: Tensor) -> Tensor:
-    """Backpropagate ``cotangent`` through ``out`` (parameters' ``.grad`` accumulate); the
-    gradient that reached ``leaf``."""
-    if out.requires_grad:
-        torch.autograd.backward(out, cotangent.to(out.dtype))
-    return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+class _Half:
+    """One half rebuilt with its graph kept: ``out = m(leaf)`` on a fresh leaf, and the stream
+    it gives back, ``rebuilt = other - out`` (or ``exact``, the anchor's stored stream).
+    G_i: leaf Y1, other Y2, rebuilt X2. F_i: leaf X2, other Y1, rebuilt X1."""
+
+    def __init__(self, m: nn.Module, leaf: Tensor, other: Tensor, shared, kw,
+                 exact: Tensor | None = None) -> None:
+        with torch.enable_grad():
+            self.leaf = leaf.detach().requires_grad_()
+            self.out = m(self.leaf, *shared, **kw)
+        self.rebuilt = other.detach() - self.out.detach() if exact is None else exact.detach()
+
+    def vjp(self, cotangent: Tensor) -> Tensor:
+        """Backpropagate ``cotangent`` through ``out`` (freeing its graph; the parameters'
+        ``.grad`` accumulate); the gradient that reached the leaf."""
+        if self.out.requires_grad:
+            torch.autograd.backward(self.out, cotangent.to(self.out.dtype))
+        return self.leaf.grad if self.leaf.grad is not None else torch.zeros_like(self.leaf)
 
 
-def _anchor_at(anchors, i: int):
-    """The exact input pair of layer i when it is an anchor (``anchors``: ``(every, pairs)``),
-    else None."""
-    if anchors is None or i % anchors[0]:
-        return None
-    return anchors[1][i // anchors[0]]
+def _exact(anchors, i: int) -> tuple[Tensor | None, Tensor | None]:
+    """Layer i's stored (X1, X2) when it is an anchor, else (None, None)."""
+    return anchor_at(anchors, i) or (None, None)
 
 
 def _reprop(fs, gs, y1, y2, dy1, dy2, shared, per_layer, anchors=None
             ) -> tuple[Tensor, Tensor]:
-    """Reprop: from the top, rebuild G's sub-block and backpropagate it, then F's; at an
-    anchor the stored inputs replace the rebuilt ones."""
+    """Reprop: from the top, each half rebuilt and at once backpropagated, G_i then F_i."""
     for i in reversed(range(len(fs))):
-        kw = _slice(per_layer, i)
-        exact = _anchor_at(anchors, i)
-        with torch.enable_grad():
-            y1 = y1.detach().requires_grad_()
-            g_out = gs[i](y1, *shared, **kw)
-        x2 = y2 - g_out.detach() if exact is None else exact[1].detach()
-        dy1 = dy1 + _vjp(g_out, dy2, y1)  # dL/dY1 in total; G's params get dy2
-        del g_out
-        with torch.enable_grad():
-            x2 = x2.requires_grad_()
-            f_out = fs[i](x2, *shared, **kw)
-        x1 = y1.detach() - f_out.detach() if exact is None else exact[0].detach()
-        dx2 = dy2 + _vjp(f_out, dy1, x2)  # F's params get dL/dY1
-        del f_out
-        y1, y2, dy2 = x1, x2.detach(), dx2  # and dL/dX1 = dL/dY1, already in dy1
+        kw, (x1_exact, x2_exact) = _slice(per_layer, i), _exact(anchors, i)
+        g = _Half(gs[i], y1, y2, shared, kw, x2_exact)  # X2 = Y2 - G(Y1)
+        dy1 = dy1 + g.vjp(dy2)  # dX1 = dY1 + dG^T dY2
+        x2, g = g.rebuilt, None  # frees G_i's graph
+        f = _Half(fs[i], x2, y1, shared, kw, x1_exact)  # X1 = Y1 - F(X2)
+        dy2 = dy2 + f.vjp(dy1)  # dX2 = dY2 + dF^T dX1
+        y1, y2, f = f.rebuilt, x2, None
     return dy1, dy2
 
 
-class _Rebuilt:
-    """One layer rebuilt with its graphs kept: leaves y1 and x2, outputs g_out and f_out.
-    ``exact``: the layer's stored input pair (an anchor), replacing the rebuilt one."""
-
-    def __init__(self, f, g, y1: Tensor, y2: Tensor, shared, kw, exact=None) -> None:
-        with torch.enable_grad():
-            self.y1 = y1.detach().requires_grad_()
-            self.g_out = g(self.y1, *shared, **kw)
-            x2 = y2.detach() - self.g_out.detach() if exact is None else exact[1].detach()
-            self.x2 = x2.requires_grad_()
-            self.f_out = f(self.x2, *shared, **kw)
-        self.x1 = self.y1.detach() - self.f_out.detach() if exact is None else exact[0].detach()
-
-    def grads(self, dy1: Tensor, dy2: Tensor) -> tuple[Tensor, Tensor]:
-        """(dL/dX1, dL/dX2) from (dL/dY1, dL/dY2); G's and F's params get theirs."""
-        dy1 = dy1 + _vjp(self.g_out, dy2, self.y1)
-        return dy1, dy2 + _vjp(self.f_out, dy1, self.x2)
-
-
-# ---------------------------------------------------------------------------------------------
-# PaReprop's schedule, written once over a tiny streams abstraction.
-
-
-class InOrderStreams:
-    """Streams for devices without them: everything runs in order on the caller's thread."""
-
-    def on(self, k: int, label: tuple[str, int]) -> contextlib.AbstractContextManager:
-        """Run the enclosed work (``label`` = ("rebuild" | "grads", layer)) on stream k."""
-        return contextlib.nullcontext()
-
-    def record(self, k: int) -> Any:
-        """An event marking the work enqueued so far on stream k."""
-        return None
-
-    def wait(self, k: int, event: Any) -> None:
-        """Stream k's later work waits for ``event`` (on the device, never on the host)."""
-
-    def keep(self, tensor: Tensor, k: int) -> None:
-        """``tensor``, allocated on another stream, is used on stream k (``record_stream``)."""
-
-
-class CudaStreams(InOrderStreams):
-    """Two fresh CUDA streams (0, 1) plus the caller's current stream (``CALLER``)."""
-
-    def __init__(self, device: torch.device) -> None:
-        caller = torch.cuda.current_stream(device)
-        self.streams = (torch.cuda.Stream(device), torch.cuda.Stream(device), caller)
-
-    def on(self, k, label):
-        return torch.cuda.stream(self.streams[k])
-
-    def record(self, k):
-        return self.streams[k].record_event()
-
-    def wait(self, k, event):
-        self.streams[k].wait_event(event)
-
-    def keep(self, tensor, k):
-        tensor.record_stream(self.streams[k])
-
-
-def _streams_for(device: torch.device) -> InOrderStreams:
-    """The streams PaReprop runs on for ``device`` (tests replace this to record the schedule)."""
-    return CudaStreams(device) if device.type == "cuda" else InOrderStreams()
-
-
-def _pareprop(fs, gs, y1, y2, dy1, dy2, shared, per_layer, anchors, s
+def _pareprop(fs, gs, y1, y2, dy1, dy2, shared, per_layer, anchors, s: InOrderStreams
               ) -> tuple[Tensor, Tensor]:
-    """PaReprop: rebuild the top layer; then at step i the grads of layer i overlap the rebuild
-    of layer i-1 (restarting from its anchor, if it has one); the grads of layer 0 end it.
+    """PaReprop: rebuild G_{D-1}; then per layer i from the top, (a) the gradient of G_i
+    beside the rebuild of F_i, (b) the gradient of F_i beside the rebuild of G_{i-1}.
 
-    Layer i is rebuilt on stream i % 2 and its grads run there too: autograd runs each backward
-    op on its forward op's stream, so "grads on one stream, rebuilds on the other" is not
-    expressible. The two streams alternate roles; events order the two cross-stream hand-offs
-    (rebuilt inputs X1, X2 going down; gradients dX1, dX2 going down). Every tensor handed to
-    another stream is ``keep``-ed for it (the caching allocator's ``record_stream`` rule), and
-    nothing here reads a device value on the host (tests/revtorch/test_core.py audits both).
+    A half's gradient runs on the stream it was rebuilt on (autograd runs each backward op on
+    its forward op's stream): G halves on ``G_STREAM``, F halves on ``F_STREAM``. Events
+    order the cross-stream hand-offs, the rebuilt streams going down (G_i -> F_i -> G_{i-1})
+    and the gradients going down (likewise); every tensor read on a stream other than the
+    one that made it is ``keep``-ed for it (the caching allocator's ``record_stream`` rule),
+    and nothing here reads a device value on the host (tests/revtorch/test_core.py audits
+    the schedule, the keeps and the host reads).
     """
+    G, F = G_STREAM, F_STREAM
+
+    def rebuild(k: int, i: int, leaf: Tensor, other: Tensor, exact: Tensor | None):
+        """Half k (``G`` or ``F``) of layer i rebuilt on its stream; (the half, its event)."""
+        if exact is not None:
+            s.keep(exact, k)  # saved by the forward on the caller's stream
+        with s.on(k, ("rebuild", "GF"[k], i)):
+            half = _Half((gs, fs)[k][i], leaf, other, shared, _slice(per_layer, i), exact)
+        return half, s.record(k)
+
     top = len(fs) - 1
-    start = s.record(CALLER)  # y1, y2, dy1, dy2 were made on the caller's stream
-    s.wait(0, start)
-    s.wait(1, start)
+    s.wait(G, s.record(CALLER))  # Y1, Y2, dY1, dY2 come from the caller's stream
     for t in (y1, y2, dy1, dy2):
-        s.keep(t, top % 2)
-    with s.on(top % 2, ("rebuild", top)):
-        layer = _Rebuilt(fs[top], gs[top], y1, y2, shared, _slice(per_layer, top),
-                         _anchor_at(anchors, top))
-    rebuilt, grads_done = s.record(top % 2), start
+        s.keep(t, G)
+    for t in (y1, dy2):  # also read by F_{D-1}'s rebuild and gradient
+        s.keep(t, F)
+    g, g_rebuilt = rebuild(G, top, y1, y2, _exact(anchors, top)[1])
     for i in range(top, -1, -1):
-        k = i % 2
-        s.wait(k, grads_done)  # dy1, dy2 from layer i+1's grads (at the top: from the caller)
-        with s.on(k, ("grads", i)):  # after layer i's rebuild: same stream, enqueued earlier
-            dy1, dy2 = layer.grads(dy1, dy2)
-        grads_done = s.record(k)
-        x1, x2, layer = layer.x1, layer.x2.detach(), None  # frees layer i's graphs
-        for t in (dy1, dy2):
-            s.keep(t, 1 - k if i > 0 else CALLER)
-        if i > 0:
-            s.wait(1 - k, rebuilt)  # x1, x2 from layer i's rebuild; not its grads
-            s.keep(x1, 1 - k)
-            s.keep(x2, 1 - k)
-            exact = _anchor_at(anchors, i - 1)
-            for t in exact or ():  # made on the caller's stream in the forward
-                s.keep(t, 1 - k)
-            with s.on(1 - k, ("rebuild", i - 1)):
-                layer = _Rebuilt(fs[i - 1], gs[i - 1], x1, x2, shared, _slice(per_layer, i - 1),
-                                 exact)
-            rebuilt = s.record(1 - k)
+        # (a) the gradient of G_i beside the rebuild of F_i
+        if i < top:
+            s.wait(G, f_grads)  # dY2 from F_{i+1}'s gradient
+        with s.on(G, ("grads", "G", i)):
+            dy1 = dy1 + g.vjp(dy2)  # dX1 = dY1 + dG^T dY2
+        g_grads, x2, g = s.record(G), g.rebuilt, None  # frees G_i's graph
+        s.keep(x2, F)
+        s.keep(dy1, F)
+        s.wait(F, g_rebuilt)  # X2 from G_i's rebuild
+        f, f_rebuilt = rebuild(F, i, x2, y1, _exact(anchors, i)[0])
+        # (b) the gradient of F_i beside the rebuild of G_{i-1}
+        s.wait(F, g_grads)  # dX1 from G_i's gradient
+        with s.on(F, ("grads", "F", i)):
+            dy2 = dy2 + f.vjp(dy1)  # dX2 = dY2 + dF^T dX1
+        f_grads, y1, y2, f = s.record(F), f.rebuilt, x2, None  # frees F_i's graph
+        s.keep(dy2, G if i else CALLER)
+        if i:
+            s.keep(y1, G)
+            s.wait(G, f_rebuilt)  # X1 from F_i's rebuild
+            g, g_rebuilt = rebuild(G, i - 1, y1, y2, _exact(anchors, i - 1)[1])
     # A parameter's first gradient becomes its .grad where it was made, on a work stream; the
-    # caller's stream (the optimizer) reads it next, so the allocator must know (as for dy).
+    # caller's stream (the optimizer) reads it next, so the allocator must know (as for dX).
     for p in {id(p): p for m in (*fs, *gs) for p in m.parameters()}.values():
         if p.grad is not None:
             s.keep(p.grad, CALLER)
-    s.wait(CALLER, grads_done)  # the result is handed back on the caller's stream
+    s.keep(dy1, CALLER)
+    s.wait(CALLER, f_grads)  # F_0's gradient, after all other work: the result is ready
     return dy1, dy2
 
 
@@ -371,7 +282,7 @@ class _Reversible(torch.autograd.Function):
             if mode == "reprop":
                 dx1, dx2 = _reprop(fs, gs, y1, y2, dy1, dy2, shared, per_layer, anchors)
             else:
-                s = _streams_for(y1.device)
+                s = streams.streams_for(y1.device)
                 dx1, dx2 = _pareprop(fs, gs, y1, y2, dy1, dy2, shared, per_layer, anchors, s)
         n_tensors = len(ctx.needs_input_grad) - 3
         return (None, dx1, dx2) + (None,) * n_tensors
@@ -454,8 +365,8 @@ def reversible(
         )
     fs, gs = list(fs), list(gs)
     _check_modules(fs, gs)
-    fs, gs, x1, x2 = _with_policy(fs, gs, x1, x2, _stream_dtype(stream_dtype))
-    every = _anchor_every(anchor_every)
+    fs, gs, x1, x2 = with_policy(fs, gs, x1, x2, stream_dtype_of(stream_dtype))
+    every = anchor_every_of(anchor_every)
     for t in shared:
         if not isinstance(t, Tensor):
             raise TypeError(f"shared inputs must be tensors, got {type(t).__name__}")
@@ -480,104 +391,3 @@ def reversible(
         tensors.append(torch.empty(0, device=x1.device, requires_grad=True))
     spec = (tuple(fs), tuple(gs), mode, len(shared), tuple(per_layer), bool(params), every)
     return _apply(spec, x1, x2, tensors)
-
-
-# ---------------------------------------------------------------------------------------------
-# The rebuild check.
-
-CHECK_ACTIONS = ("raise", "warn")
-
-
-class RebuildError(ValueError):
-    """A rebuilt activation differs from the stored one by more than the threshold; the
-    per-layer errors are in ``.errors``."""
-
-    def __init__(self, message: str, errors=None) -> None:
-        super().__init__(message)
-        self.errors = errors
-
-
-def _rel(rebuilt: Tensor, stored: Tensor) -> float:
-    """``max|rebuilt - stored| / max|stored|`` in float64."""
-    rebuilt, stored = rebuilt.double(), stored.double()
-    scale, diff = stored.abs().max().item(), (rebuilt - stored).abs().max().item()
-    return diff / scale if scale > 0 else diff
-
-
-@torch.no_grad()
-def rebuild_errors(
-    fs: Sequence[nn.Module],
-    gs: Sequence[nn.Module],
-    x1: Tensor,
-    x2: Tensor,
-    shared: Sequence[Tensor] = (),
-    per_layer: Mapping[str, Tensor] | None = None,
-    *,
-    stream_dtype: str | torch.dtype | None = None,
-    anchor_every: int | None = None,
-) -> list[float]:
-    """Per-layer relative error of the inputs the backward rebuilds, against stored ones.
-
-    A forward stores every layer's input pair; the inverse, run from the top as the backward
-    runs it (same ``stream_dtype`` policy, restarting at the anchors of ``anchor_every``),
-    rebuilds them. Entry i is the larger over the two streams of ``max|rebuilt - stored| /
-    max|stored|`` for layer i's input (0 where an anchor gives it exactly). Call it under the
-    autocast the model runs in, if any.
-    """
-    fs, gs = list(fs), list(gs)
-    _check_modules(fs, gs)
-    fs, gs, x1, x2 = _with_policy(fs, gs, x1, x2, _stream_dtype(stream_dtype))
-    every = _anchor_every(anchor_every)
-    shared, per_layer = tuple(shared), dict(per_layer or {})
-    stored = (1, [])
-    y1, y2 = _forward(fs, gs, x1, x2, shared, per_layer, stored)
-    errors = [0.0] * len(fs)
-    for i in reversed(range(len(fs))):
-        kw, (s1, s2) = _slice(per_layer, i), stored[1][i]
-        exact = every is not None and i % every == 0
-        y2 = s2 if exact else y2 - gs[i](y1, *shared, **kw)
-        y1 = s1 if exact else y1 - fs[i](y2, *shared, **kw)
-        errors[i] = max(_rel(y1, s1), _rel(y2, s2))
-    return errors
-
-
-def check_rebuild(fs, gs, x1, x2, shared=(), per_layer=None, *, threshold: float = 1e-2,
-                  on_error: str = "raise", stream_dtype=None, anchor_every=None) -> list[float]:
-    """Check that the backward's rebuild is exact enough: ``rebuild_errors``, then raise
-    ``RebuildError`` (``on_error="raise"``) or warn with a ``RuntimeWarning`` (``"warn"``)
-    when a layer's error passes ``threshold`` (or is not finite), naming the first layer from
-    the top over it, its error and the worst layer. Returns the per-layer errors."""
-    _check_options(threshold, on_error)
-    errors = rebuild_errors(fs, gs, x1, x2, shared, per_layer, stream_dtype=stream_dtype,
-                            anchor_every=anchor_every)
-    report_rebuild(errors, threshold, on_error, stacklevel=3)
-    return errors
-
-
-def _check_options(threshold, on_error) -> None:
-    if on_error not in CHECK_ACTIONS:
-        raise ValueError(f"on_error must be one of {CHECK_ACTIONS}, got {on_error!r}")
-    if not threshold > 0:
-        raise ValueError(f"threshold must be a positive relative error, got {threshold!r}")
-
-
-def report_rebuild(errors, threshold: float, on_error: str = "raise", where: str = "",
-                   stacklevel: int = 2) -> None:
-    """Raise ``RebuildError`` or warn (``on_error``) when a per-layer error passes
-    ``threshold`` or is not finite; ``where`` names the stack in the message."""
-    bad = [i for i, e in enumerate(errors) if not e <= threshold]
-    if not bad:
-        return
-    first = bad[-1]
-    worst = max(range(len(errors)), key=lambda i: (errors[i] != errors[i], errors[i]))
-    message = (
-        f"reversible rebuild check{where}: the rebuilt input of layer {first} (of "
-        f"{len(errors)}, rebuilt from the top) has relative error {errors[first]:.3g} > "
-        f"threshold {threshold:g} (max|rebuilt - stored| / max|stored|); worst: layer "
-        f"{worst}, {errors[worst]:.3g}; {len(bad)} layer(s) over. The backward's activations, "
-        "and so the gradients, are that far off: keep the streams in float32 "
-        "(stream_dtype='float32'), add anchors (anchor_every=k), or compute in a wider dtype."
-    )
-    if on_error == "raise":
-        raise RebuildError(message, errors)
-    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)

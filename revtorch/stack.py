@@ -12,8 +12,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts, noop_context_fn)
 
-from revtorch.core import (MODES, RebuildError, _anchor_every, _check_options, _slice,
-                           _stream_dtype, check_rebuild, report_rebuild, reversible)
+from revtorch.core import MODES, _slice, reversible
+from revtorch.numerics import anchor_every_of, stream_dtype_of
+from revtorch.rebuild import RebuildError, check_options, check_rebuild, report_rebuild
 
 
 def _check_mode(mode: str) -> str:
@@ -55,8 +56,8 @@ class RevStack(nn.Module):
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
         self.mode = _check_mode(mode)
-        self.stream_dtype = _stream_dtype(stream_dtype)
-        self.anchor_every = _anchor_every(anchor_every)
+        self.stream_dtype = stream_dtype_of(stream_dtype)
+        self.anchor_every = anchor_every_of(anchor_every)
         self.f = nn.ModuleList(_made(make_f, "make_f") for _ in range(depth))
         self.g = nn.ModuleList(_made(make_g, "make_g") for _ in range(depth))
 
@@ -85,7 +86,7 @@ class RevStack(nn.Module):
                       per_layer: Mapping[str, Tensor] | None = None, threshold: float = 1e-2,
                       on_error: str = "raise") -> list[float]:
         """Per-layer relative errors of the inputs the backward rebuilds for this call
-        (``revtorch.core.check_rebuild`` with this stack's ``stream_dtype`` and
+        (``revtorch.check_rebuild`` with this stack's ``stream_dtype`` and
         ``anchor_every``); raises ``RebuildError`` or warns past ``threshold``."""
         return check_rebuild(self.f, self.g, x1, x2, shared, per_layer, threshold=threshold,
                              on_error=on_error, stream_dtype=self.stream_dtype,
@@ -104,7 +105,7 @@ class _Checks:
     """One ``check_rebuilds`` block: its options and the per-call reports."""
 
     def __init__(self, threshold, on_error) -> None:
-        _check_options(threshold, on_error)
+        check_options(threshold, on_error)
         self.threshold, self.on_error, self.reports = threshold, on_error, []
 
     def check(self, stack, x1, x2, shared, per_layer) -> None:

@@ -2,13 +2,15 @@
 
 import contextlib
 import itertools
+import weakref
 
 import pytest
 import torch
 from torch import nn
 
 import revtorch
-from revtorch import core
+from revtorch import core, streams
+from revtorch.layers import AttentionHalf, MlpHalf, layer_keys
 
 from .common import DIM, F, G, grads, loss_fn, make, rel_err, saved_bytes
 
@@ -27,6 +29,57 @@ def test_gradients_match_backprop(mode, depth, dtype):
     assert got.keys() == want.keys() and len(got) == 10 * depth + 2
     for name in want:
         assert rel_err(got[name], want[name]) <= TOL[dtype], name
+
+
+def dropout_case(depth):
+    """Attention and MLP halves with dropout and drop-path drawing from per-layer keys:
+    (stack, x1, x2, shared, per_layer)."""
+    torch.manual_seed(0)
+    stack = revtorch.RevStack(
+        lambda: AttentionHalf(DIM, 2, drop_rate=0.2, drop_path_rate=0.3),
+        lambda: MlpHalf(DIM, 2 * DIM, drop_rate=0.2, drop_path_rate=0.3),
+        depth=depth).double()
+    x1, x2 = (torch.randn(3, 5, DIM, dtype=torch.float64, requires_grad=True) for _ in "12")
+    return stack, x1, x2, (torch.rand(3, 5) > 0.3,), layer_keys(depth)
+
+
+OPTIONS = {"anchor_every=1": {"anchor_every": 1}, "anchor_every=2": {"anchor_every": 2},
+           "anchor_every=3": {"anchor_every": 3}, "stream_dtype": {}, "dropout": {}}
+
+
+@pytest.mark.parametrize("case", OPTIONS)
+@pytest.mark.parametrize("depth", range(1, 8))
+def test_options_gradients_match_backprop(depth, case):
+    """Anchors, the precision policy (float32 halves on float64 streams: the rebuild is
+    exact) and per-layer dropout keys, at every depth to 7: reprop and pareprop equal
+    backprop, and each other exactly (on CPU they run the same halves in the same order)."""
+    if case == "dropout":
+        stack, x1, x2, shared, per_layer = dropout_case(depth)
+    else:
+        dtype = torch.float32 if case == "stream_dtype" else torch.float64
+        stack, (x1, x2, mask, pos, per_layer) = make(depth, dtype)
+        shared = (mask, pos)
+    for name, value in OPTIONS[case].items():
+        setattr(stack, name, value)
+    if case == "stream_dtype":
+        stack.stream_dtype = torch.float64
+
+    def run(mode):
+        stack.zero_grad(set_to_none=True)
+        x1.grad = x2.grad = None
+        loss_fn(*stack(x1, x2, *shared, per_layer=per_layer, mode=mode)).backward()
+        return {**{n: p.grad.clone() for n, p in stack.named_parameters()},
+                "x1": x1.grad.clone(), "x2": x2.grad.clone()}
+
+    want, reprop = run("backprop"), run("reprop")
+    for name in want:
+        assert rel_err(reprop[name], want[name]) <= 1e-9, name
+    assert all(torch.equal(got, reprop[name]) for name, got in run("pareprop").items())
+    if case == "dropout":  # the keys do drop: the branches change
+        with torch.no_grad():
+            kept, dropped = (stack(x1, x2, *shared, per_layer=keys)[0] - x1
+                             for keys in (None, per_layer))
+        assert rel_err(dropped, kept) > 1e-2
 
 
 @pytest.mark.parametrize("mode", revtorch.MODES)
@@ -58,13 +111,16 @@ def test_inverse_rebuilds_inputs(depth):
         y1, y2 = stack(x1, x2, mask, pos, per_layer=per_layer)
     r1, r2 = core.inverse(stack.f, stack.g, y1, y2, (mask, pos), per_layer)
     assert rel_err(r1, x1) <= 1e-13 and rel_err(r2, x2) <= 1e-13
-    # pareprop's rebuild of the top layer gives the same inputs, and they map forward to Y
+    # the backward's rebuild of the top layer's two halves gives the same inputs, and they
+    # map forward to Y
     kw = core._slice(per_layer, depth - 1)
-    top = core._Rebuilt(stack.f[-1], stack.g[-1], y1, y2, (mask, pos), kw)
-    assert not top.x1.requires_grad and top.x2.is_leaf and top.y1.is_leaf
+    g = core._Half(stack.g[-1], y1, y2, (mask, pos), kw)
+    f = core._Half(stack.f[-1], g.rebuilt, y1, (mask, pos), kw)
+    assert g.leaf.is_leaf and f.leaf.is_leaf and g.out.requires_grad and f.out.requires_grad
+    assert not g.rebuilt.requires_grad and not f.rebuilt.requires_grad
     with torch.no_grad():
-        w1 = top.x1 + stack.f[-1](top.x2, mask, pos, **kw)
-        w2 = top.x2 + stack.g[-1](w1, mask, pos, **kw)
+        w1 = f.rebuilt + stack.f[-1](g.rebuilt, mask, pos, **kw)
+        w2 = g.rebuilt + stack.g[-1](w1, mask, pos, **kw)
     assert rel_err(w1, y1) <= 1e-13 and rel_err(w2, y2) <= 1e-13
 
 
@@ -86,18 +142,51 @@ def test_saved_activation_bytes(mode):
         assert large <= 1.1 * small
 
 
+def backward_peak_bytes(mode, depth=6):
+    """The most bytes the backward holds above what it started with (rebuilt graphs,
+    cotangents, parameter gradients), from the CPU allocator's events as the profiler
+    records them."""
+    stack, (x1, x2, mask, pos, per_layer) = make(depth, torch.float32, batch=8, tokens=32,
+                                                  dim=64)
+    loss = loss_fn(*stack(x1, x2, mask, pos, per_layer=per_layer, mode=mode))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        loss.backward()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    held = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):  # stable: same-time events in order
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+def test_pareprop_backward_peak_is_reprops():
+    """PaReprop at the granularity of halves holds at most two halves' graphs, as reprop's
+    layer: its backward's peak bytes stay within 15% of reprop's (a layer-granularity
+    schedule holds one half's graph more: about 18% here)."""
+    grad_bytes = 4 * sum(p.numel() for p in make(6, dim=64)[0].parameters())
+    reprop, pareprop = backward_peak_bytes("reprop"), backward_peak_bytes("pareprop")
+    assert reprop > grad_bytes  # the peak sees more than the parameter gradients
+    assert pareprop <= 1.15 * reprop, (pareprop, reprop)
+
+
 # --- the PaReprop schedule, through stand-in streams that record work, events and waits ---
 
 
-class RecordingStreams(core.InOrderStreams):
-    """Runs everything in order, recording ``(op, stream, payload)`` for each call."""
+class RecordingStreams(streams.InOrderStreams):
+    """Runs everything in order, recording ``(op, stream, payload)`` for each call, and the
+    number of rebuilt halves alive (``live``, a weak set) as each piece of work starts and
+    ends (``alive``)."""
 
-    def __init__(self):
-        self.log, self.events = [], itertools.count()
+    def __init__(self, live=()):
+        self.log, self.events, self.live, self.alive = [], itertools.count(), live, []
 
+    @contextlib.contextmanager
     def on(self, k, label):
         self.log.append(("work", k, label))
-        return contextlib.nullcontext()
+        self.alive.append(len(self.live))
+        yield
+        self.alive.append(len(self.live))
 
     def record(self, k):
         event = next(self.events)
@@ -136,59 +225,111 @@ def happens_before(log):
     return before
 
 
-@pytest.mark.parametrize("depth", DEPTHS)
-def test_pareprop_schedule(depth, monkeypatch):
-    made = []
+def walk(depth):
+    """The halves as the backward walks them: G_{D-1}, F_{D-1}, ..., G_0, F_0."""
+    return [(half, i) for i in range(depth - 1, -1, -1) for half in "GF"]
+
+
+def pipeline(depth):
+    """The half-level pipeline in host order: rebuild G_{D-1}; then at step k the grads of
+    half k beside the rebuild of half k+1 (per layer i: grads G_i, rebuild F_i; grads F_i,
+    rebuild G_{i-1})."""
+    halves = walk(depth)
+    labels = [("rebuild", *halves[0])]
+    for k, half in enumerate(halves):
+        labels += [("grads", *half)] + ([("rebuild", *halves[k + 1])] if k + 1 < len(halves)
+                                        else [])
+    return labels
+
+
+def record_pareprop(depth, monkeypatch, **options):
+    """A pareprop backward on recording streams, counting live halves; (log, alive counts,
+    live set after the backward, stack, pareprop's gradients, backprop's)."""
+    live, made = weakref.WeakSet(), []
+
+    class Counted(core._Half):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            live.add(self)
+
     def streams_for(device):
-        made.append(RecordingStreams())
+        made.append(RecordingStreams(live))
         return made[-1]
 
-    monkeypatch.setattr(core, "_streams_for", streams_for)
+    monkeypatch.setattr(core, "_Half", Counted)
+    monkeypatch.setattr(streams, "streams_for", streams_for)
     stack, inputs = make(depth)
+    for name, value in options.items():
+        setattr(stack, name, value)
     _, want = grads(stack, inputs, "backprop")
     _, got = grads(stack, inputs, "pareprop")
     assert len(made) == 1
+    return made[0].log, made[0].alive, live, stack, got, want
+
+
+@pytest.mark.parametrize("anchor_every", [None, 2])
+@pytest.mark.parametrize("depth", range(1, 8))
+def test_pareprop_schedule(depth, anchor_every, monkeypatch):
+    log, _, _, stack, got, want = record_pareprop(depth, monkeypatch, anchor_every=anchor_every)
     for name in want:
         assert rel_err(got[name], want[name]) <= 1e-9, name
-    log = made[0].log
     before = happens_before(log)
     work = {payload: n for n, (op, k, payload) in enumerate(log) if op == "work"}
     stream = {payload: k for op, k, payload in log if op == "work"}
-    # host order: rebuild the top; then grads i, rebuild i-1, ...; grads 0
-    labels = [payload for op, _, payload in log if op == "work"]
-    expected = [("rebuild", depth - 1)]
-    for i in range(depth - 1, -1, -1):
-        expected += [("grads", i)] + ([("rebuild", i - 1)] if i else [])
-    assert labels == expected
-    for i in range(depth):
-        assert before(work["rebuild", i], work["grads", i])  # its rebuild is done
-        if i + 1 < depth:
-            assert before(work["grads", i + 1], work["grads", i])  # its cotangents are done
-            assert before(work["rebuild", i + 1], work["rebuild", i])  # its outputs are done
-        if i > 0:  # grads of i and the rebuild of i-1 overlap: other streams, unordered
-            a, b = work["grads", i], work["rebuild", i - 1]
-            assert stream["grads", i] != stream["rebuild", i - 1]
+    assert [payload for op, _, payload in log if op == "work"] == pipeline(depth)
+    halves = walk(depth)
+    for k, half in enumerate(halves):
+        # G halves on stream 0, F halves on stream 1: a half's grads where it was rebuilt
+        assert stream["rebuild", *half] == stream["grads", *half] == "GF".index(half[0])
+        assert before(work["rebuild", *half], work["grads", *half])  # its graph is built
+        if k:
+            prev = halves[k - 1]
+            assert before(work["grads", *prev], work["grads", *half])  # its cotangents
+            assert before(work["rebuild", *prev], work["rebuild", *half])  # its streams
+        if k + 1 < len(halves):  # grads of half k beside the rebuild of half k+1: unordered
+            a, b = work["grads", *half], work["rebuild", *halves[k + 1]]
             assert not before(a, b) and not before(b, a)
-    # the caller's stream: first an event every work stream waits on, last a wait on the end
-    assert log[0][:2] == ("record", core.CALLER) and log[-1][:2] == ("wait", core.CALLER)
+    # the caller's stream: first an event the work waits on, last a wait on the end
+    assert log[0][:2] == ("record", streams.CALLER) and log[-1][:2] == ("wait", streams.CALLER)
     for n in work.values():
         assert before(0, n) and before(n, len(log) - 1)
-    assert [op for op, k, _ in log].count("wait") <= 2 * depth + 2  # no host-side syncs exist
+    # one device-side wait per cross-stream hand-off (no host-side syncs exist): the caller's
+    # inputs, then per layer X2 and dX1 (G to F), X1 and dX2 (F to G) but none below the
+    # bottom nor above the top, and the result back to the caller
+    assert [op for op, k, _ in log].count("wait") == 4 * depth
     kept = [k for op, k, _ in log if op == "keep"]
     params = len(list(stack.parameters()))  # dx1, dx2 and every .grad handed to the caller
-    assert kept.count(core.CALLER) == 2 + params
+    assert kept.count(streams.CALLER) == 2 + params
+
+
+@pytest.mark.parametrize("depth", range(1, 8))
+def test_pareprop_holds_at_most_two_halves(depth, monkeypatch):
+    """At most two rebuilt halves' graphs are alive: on the host (live ``_Half`` objects as
+    each piece of work starts and ends) and on the device, where a half's graph lives from
+    its rebuild to the end of its grads: the grads of every half but the one just before it
+    are ordered before a half's rebuild. Each graph is freed right after its grads."""
+    log, alive, live, *_ = record_pareprop(depth, monkeypatch)
+    assert 1 <= max(alive) <= 2 and len(live) == 0
+    before = happens_before(log)
+    work = {payload: n for n, (op, k, payload) in enumerate(log) if op == "work"}
+    halves = walk(depth)
+    for k, half in enumerate(halves):
+        for older in halves[:max(k - 1, 0)]:
+            assert before(work["grads", *older], work["rebuild", *half]), (older, half)
+        if k:  # ... and the one just before it may overlap (the pipeline's point)
+            assert not before(work["grads", *halves[k - 1]], work["rebuild", *half])
 
 
 def test_reprop_and_backprop_use_no_streams(monkeypatch):
-    monkeypatch.setattr(core, "_streams_for", lambda device: pytest.fail("streams used"))
+    monkeypatch.setattr(streams, "streams_for", lambda device: pytest.fail("streams used"))
     stack, inputs = make(2)
     grads(stack, inputs, "reprop")
     grads(stack, inputs, "backprop")
 
 
 def test_cpu_streams_are_in_order():
-    assert isinstance(core._streams_for(torch.device("cpu")), core.InOrderStreams)
-    assert not isinstance(core._streams_for(torch.device("cpu")), core.CudaStreams)
+    assert isinstance(streams.streams_for(torch.device("cpu")), streams.InOrderStreams)
+    assert not isinstance(streams.streams_for(torch.device("cpu")), streams.CudaStreams)
 
 
 @pytest.mark.gpu
@@ -389,7 +530,7 @@ class AuditStreams(RecordingStreams):
 
     def __init__(self):
         super().__init__()
-        self.current = core.CALLER
+        self.current = streams.CALLER
 
     @contextlib.contextmanager
     def on(self, k, label):
@@ -414,9 +555,9 @@ class _Ledger(torch.utils._python_dispatch.TorchDispatchMode):
     each storage (by address) and which streams read it; ops that read a value on the
     host. Every output is held, so no address is reused while it records."""
 
-    def __init__(self, streams):
+    def __init__(self, recorded):
         super().__init__()
-        self.streams, self.made, self.read, self.syncs, self.alive = streams, {}, set(), [], []
+        self.streams, self.made, self.read, self.syncs, self.alive = recorded, {}, set(), [], []
         self.readers = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -445,7 +586,7 @@ _HOST_READS += [(torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"),
                 (torch.cuda.Stream, "query")]
 
 
-def audit_pareprop(depth, monkeypatch):
+def audit_pareprop(depth, monkeypatch, anchor_every=None):
     """Run a pareprop backward with AuditStreams and the ledger; (streams, ledger, host calls,
     stack, inputs). Host calls are the Python-level reads listed in ``_HOST_READS`` made while
     ``_pareprop`` runs."""
@@ -476,12 +617,13 @@ def audit_pareprop(depth, monkeypatch):
         made.append(ledger)
         return out
 
-    monkeypatch.setattr(core, "_streams_for", streams_for)
+    monkeypatch.setattr(streams, "streams_for", streams_for)
     monkeypatch.setattr(core, "_pareprop", watched)
     stack, inputs = make(depth)
+    stack.anchor_every = anchor_every
     grads(stack, inputs, "pareprop")
-    streams, ledger = made
-    return streams, ledger, host, stack, inputs
+    recorded, ledger = made
+    return recorded, ledger, host, stack, inputs
 
 
 @pytest.mark.parametrize("depth", (1, 3))
@@ -489,14 +631,15 @@ def test_pareprop_backward_makes_no_host_sync(depth, monkeypatch):
     """No op in the pareprop backward reads a device value on the host: no ``.item()``,
     ``bool``/``int``/``float`` of a tensor, ``.tolist()``, ``.cpu()``, ``nonzero``, no stream,
     event or device synchronisation; the only waits are device-side event waits."""
-    streams, ledger, host, _, _ = audit_pareprop(depth, monkeypatch)
+    recorded, ledger, host, _, _ = audit_pareprop(depth, monkeypatch)
     assert host == [] and ledger.syncs == []
     assert ledger.read  # the ledger did see the backward's ops
-    assert {op for op, _, _ in streams.log} <= {"work", "record", "wait", "keep"}
+    assert {op for op, _, _ in recorded.log} <= {"work", "record", "wait", "keep"}
 
 
+@pytest.mark.parametrize("anchor_every", (None, 1, 2))
 @pytest.mark.parametrize("depth", (1, 2, 3, 5))
-def test_pareprop_keeps_every_tensor_it_hands_across_streams(depth, monkeypatch):
+def test_pareprop_keeps_every_tensor_it_hands_across_streams(depth, anchor_every, monkeypatch):
     """The caching allocator's rule, derived from the recorded schedule: a storage made on one
     stream during the backward and read on another (or handed to the caller's stream as a
     result: dX1, dX2 and parameter ``.grad``) is ``keep``-ed (``record_stream``) for that
@@ -504,15 +647,16 @@ def test_pareprop_keeps_every_tensor_it_hands_across_streams(depth, monkeypatch)
     other stream still reads it. Storages made before the backward on the caller's stream and
     read on a work stream are kept too, unless they outlive the backward's final event wait
     (parameters and the inputs the caller holds: X1, X2, the shared and per-layer inputs)."""
-    streams, ledger, _, stack, (x1, x2, mask, pos, per_layer) = audit_pareprop(depth, monkeypatch)
-    kept = {(_ptr(t), k) for op, k, t in streams.log if op == "keep"}
+    recorded, ledger, _, stack, (x1, x2, mask, pos, per_layer) = audit_pareprop(
+        depth, monkeypatch, anchor_every)
+    kept = {(_ptr(t), k) for op, k, t in recorded.log if op == "keep"}
     held = [*stack.parameters(), x1, x2, mask, pos, *per_layer.values()]
     outlive = {_ptr(t) for t in held}
     work = {0, 1}
     crossings = 0
     for ptr, k in ledger.read:
         maker = ledger.made.get(ptr, "before")
-        if maker == k or k not in work and maker == core.CALLER:
+        if maker == k or k not in work and maker == streams.CALLER:
             continue
         if maker == "before" and ptr in outlive:
             continue
@@ -520,6 +664,6 @@ def test_pareprop_keeps_every_tensor_it_hands_across_streams(depth, monkeypatch)
         assert (ptr, k) in kept, (ledger.readers[ptr, k], maker, k)
     results = [x1.grad, x2.grad] + [p.grad for p in stack.parameters()]
     for t in results:
-        if ledger.made.get(_ptr(t), core.CALLER) in work:
-            assert (_ptr(t), core.CALLER) in kept
+        if ledger.made.get(_ptr(t), streams.CALLER) in work:
+            assert (_ptr(t), streams.CALLER) in kept
     assert crossings >= (2 if depth == 1 else 4)  # y1, y2, dY1, dY2 at least; x1, x2 per layer
