@@ -9,28 +9,27 @@ Reversible ViT, Mangalam et al. 2022)::
 The backward walks the halves from the top, G_{D-1}, F_{D-1}, G_{D-2}, ..., G_0, F_0, along
 two chains (``_Half``):
 
-- the rebuild chain: G_i from (Y1, Y2) computes G(Y1) with its graph kept (leaf Y1) and
-  X2 = Y2 - G(Y1); F_i from (Y1, X2) computes F(X2) with its graph kept (leaf X2) and
-  X1 = Y1 - F(X2). At an anchor the exact stored stream replaces the rebuilt one. The
-  rebuild of half k+1 needs only the streams half k rebuilt, never a gradient.
-- the gradient chain: G_i takes dX1 = dY1 + dG^T dY2 (G's parameters get dG^T dY2's share
-  in ``.grad``); F_i takes dX2 = dY2 + dF^T dX1 (F's parameters likewise). The gradient of
-  half k needs half k's graph and the gradient of half k-1.
+- the rebuild chain: G_i computes G(Y1) from (Y1, Y2) with its graph kept (leaf Y1) and
+  X2 = Y2 - G(Y1); F_i computes F(X2) from (Y1, X2) with its graph kept (leaf X2) and
+  X1 = Y1 - F(X2). At an anchor the stored exact stream replaces the rebuilt one. The
+  rebuild of half k+1 reads only the streams half k rebuilt, never a gradient.
+- the gradient chain: G_i takes dX1 = dY1 + dG^T dY2, F_i then dX2 = dY2 + dF^T dX1, each
+  half's parameters getting theirs in ``.grad``. The gradient of half k reads half k's
+  graph and the cotangents of half k-1's gradient, never a rebuilt stream of half k+1.
 
 Modes (``MODES``):
 
 - ``backprop``: plain autograd through the layers; every layer's activations are saved.
 - ``reprop``: the forward runs under ``no_grad`` and saves only (Y1, Y2); the backward
-  rebuilds each half and at once backpropagates it, one half's graph alive at a time.
-- ``pareprop`` (PaReprop, Zhu et al. 2023), at the granularity of halves: at step k the
-  gradient of half k and the rebuild of half k+1 share no data (the rebuild reads only the
-  streams half k rebuilt; the gradient reads half k's graph and the cotangents), so they
-  run side by side: after rebuilding G_{D-1}, per layer from the top, (a) the gradient of
-  G_i beside the rebuild of F_i, (b) the gradient of F_i beside the rebuild of G_{i-1}. A
-  half's graph lives from its rebuild (one step) to its gradient (the next), so at most two
-  halves' graphs are alive, as in reprop's layer (G's and F's), and the cost stays one
-  forward and one backward per half. On CUDA G halves run on one stream and F halves on
-  another (``streams``); elsewhere the same schedule runs in order.
+  rebuilds each half and at once backpropagates it.
+- ``pareprop`` (PaReprop, Zhu et al. 2023), at the granularity of halves: the gradient of
+  half k and the rebuild of half k+1 share no data, so each step runs them side by side:
+  after rebuilding G_{D-1}, per layer i from the top, (a) the gradient of G_i beside the
+  rebuild of F_i, (b) the gradient of F_i beside the rebuild of G_{i-1}. A half's graph
+  lives from its rebuild (one step) to its gradient (the next), so at most two halves'
+  graphs are alive, a layer's worth as in reprop, and each half still costs one rebuild and
+  one backward. On CUDA the G halves run on one stream and the F halves on another
+  (``streams``); elsewhere the same schedule runs in order.
 
 Numerics options (``numerics``): ``stream_dtype`` (the precision policy) and
 ``anchor_every`` (exact stream pairs saved every k layers, where the rebuild restarts); the
@@ -149,16 +148,11 @@ class _Half:
         return self.leaf.grad if self.leaf.grad is not None else torch.zeros_like(self.leaf)
 
 
-def _exact(anchors, i: int) -> tuple[Tensor | None, Tensor | None]:
-    """Layer i's stored (X1, X2) when it is an anchor, else (None, None)."""
-    return anchor_at(anchors, i) or (None, None)
-
-
 def _reprop(fs, gs, y1, y2, dy1, dy2, shared, per_layer, anchors=None
             ) -> tuple[Tensor, Tensor]:
     """Reprop: from the top, each half rebuilt and at once backpropagated, G_i then F_i."""
     for i in reversed(range(len(fs))):
-        kw, (x1_exact, x2_exact) = _slice(per_layer, i), _exact(anchors, i)
+        kw, (x1_exact, x2_exact) = _slice(per_layer, i), anchor_at(anchors, i)
         g = _Half(gs[i], y1, y2, shared, kw, x2_exact)  # X2 = Y2 - G(Y1)
         dy1 = dy1 + g.vjp(dy2)  # dX1 = dY1 + dG^T dY2
         x2, g = g.rebuilt, None  # frees G_i's graph
@@ -179,7 +173,8 @@ def _pareprop(fs, gs, y1, y2, dy1, dy2, shared, per_layer, anchors, s: InOrderSt
     and the gradients going down (likewise); every tensor read on a stream other than the
     one that made it is ``keep``-ed for it (the caching allocator's ``record_stream`` rule),
     and nothing here reads a device value on the host (tests/revtorch/test_core.py audits
-    the schedule, the keeps and the host reads).
+    the schedule, the keeps and the host reads). Each step enqueues the gradient first, so
+    run in order (CPU) a half's graph is freed before the next is built, as in reprop.
     """
     G, F = G_STREAM, F_STREAM
 
@@ -197,7 +192,7 @@ def _pareprop(fs, gs, y1, y2, dy1, dy2, shared, per_layer, anchors, s: InOrderSt
         s.keep(t, G)
     for t in (y1, dy2):  # also read by F_{D-1}'s rebuild and gradient
         s.keep(t, F)
-    g, g_rebuilt = rebuild(G, top, y1, y2, _exact(anchors, top)[1])
+    g, g_rebuilt = rebuild(G, top, y1, y2, anchor_at(anchors, top)[1])
     for i in range(top, -1, -1):
         # (a) the gradient of G_i beside the rebuild of F_i
         if i < top:
@@ -208,7 +203,7 @@ def _pareprop(fs, gs, y1, y2, dy1, dy2, shared, per_layer, anchors, s: InOrderSt
         s.keep(x2, F)
         s.keep(dy1, F)
         s.wait(F, g_rebuilt)  # X2 from G_i's rebuild
-        f, f_rebuilt = rebuild(F, i, x2, y1, _exact(anchors, i)[0])
+        f, f_rebuilt = rebuild(F, i, x2, y1, anchor_at(anchors, i)[0])
         # (b) the gradient of F_i beside the rebuild of G_{i-1}
         s.wait(F, g_grads)  # dX1 from G_i's gradient
         with s.on(F, ("grads", "F", i)):
@@ -218,7 +213,7 @@ def _pareprop(fs, gs, y1, y2, dy1, dy2, shared, per_layer, anchors, s: InOrderSt
         if i:
             s.keep(y1, G)
             s.wait(G, f_rebuilt)  # X1 from F_i's rebuild
-            g, g_rebuilt = rebuild(G, i - 1, y1, y2, _exact(anchors, i - 1)[1])
+            g, g_rebuilt = rebuild(G, i - 1, y1, y2, anchor_at(anchors, i - 1)[1])
     # A parameter's first gradient becomes its .grad where it was made, on a work stream; the
     # caller's stream (the optimizer) reads it next, so the allocator must know (as for dX).
     for p in {id(p): p for m in (*fs, *gs) for p in m.parameters()}.values():

@@ -69,7 +69,7 @@ def with_policy(fs, gs, x1, x2, stream):
 
 def anchor_at(anchors, i: int):
     """The exact input pair ``(X1, X2)`` of layer i when it is an anchor (``anchors``:
-    ``(every, pairs)``, the pairs the forward saved), else None."""
+    ``(every, pairs)``, the pairs the forward saved), else ``(None, None)``."""
     if anchors is None or i % anchors[0]:
-        return None
+        return None, None
     return anchors[1][i // anchors[0]]

@@ -667,3 +667,21 @@ def test_pareprop_keeps_every_tensor_it_hands_across_streams(depth, anchor_every
         if ledger.made.get(_ptr(t), streams.CALLER) in work:
             assert (_ptr(t), streams.CALLER) in kept
     assert crossings >= (2 if depth == 1 else 4)  # y1, y2, dY1, dY2 at least; x1, x2 per layer
+
+
+def test_core_modules_import_downwards():
+    """rebuild -> core -> numerics, streams: no module imports one above it (no cycles)."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    above = {"numerics": {"core", "rebuild", "stack"}, "streams": {"core", "rebuild", "stack"},
+             "core": {"rebuild", "stack"}, "rebuild": {"stack"}}
+    for name, banned in above.items():
+        source = importlib.util.find_spec(f"revtorch.{name}").origin
+        tree = ast.parse(Path(source).read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                    for a in n.names} | {
+            (n.module or "").split(".")[-1] for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom)}
+        assert not imported & banned, (name, imported & banned)

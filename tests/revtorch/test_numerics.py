@@ -1,5 +1,6 @@
-"""Numerics options of the core (issue 18): the float32-stream precision policy, re-anchoring
-and the rebuild check; the twin of tests/revjax/test_numerics.py."""
+"""Numerics options of the core (``revtorch.numerics``, ``revtorch.rebuild``): the
+float32-stream precision policy, re-anchoring and the rebuild check; the twin of
+tests/revjax/test_numerics.py."""
 
 import pytest
 import torch
