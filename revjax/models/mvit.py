@@ -47,7 +47,7 @@ from jax import lax
 
 from .. import layers
 from ..stages import Stage, check_fusion, concat, start
-from . import register_family
+from .registry import register_family
 from .config import resolve_mode, stack_options
 
 

@@ -26,7 +26,7 @@ from flax import nnx
 
 from .. import layers
 from ..stack import ResidualStack, RevStack
-from . import register_family
+from .registry import register_family
 from .config import resolve_mode, stack_options
 
 # RoBERTa's padding_idx for positions: padding sits at row 1, real tokens at rows 2.. (the

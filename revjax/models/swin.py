@@ -40,7 +40,7 @@ from flax import nnx
 
 from .. import layers
 from ..stages import Stage, check_fusion, concat, start
-from . import register_family
+from .registry import register_family
 from .config import resolve_mode, stack_options
 
 MASK_VALUE = -1e9  # additive bias between tokens that must not attend (exp underflows to 0)

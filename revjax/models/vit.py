@@ -17,7 +17,7 @@ from flax import nnx
 
 from .. import layers
 from ..stack import ResidualStack, RevStack
-from . import register_family
+from .registry import register_family
 from .config import resolve_mode, stack_options
 
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .. import layers
 from ..stack import ResidualStack, RevStack
-from . import register_family
+from .registry import register_family
 from .config import check_dtypes, compute_context, resolve_mode, stack_options
 
 

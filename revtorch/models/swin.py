@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from .. import layers
 from ..stages import Stage, check_fusion, concat, start
-from . import register_family
+from .registry import register_family
 from .config import check_dtypes, compute_context, resolve_mode, stack_options
 
 MASK_VALUE = -1e9  # additive bias between tokens that must not attend (exp underflows to 0)
