@@ -82,8 +82,11 @@ def test_memory_speed_report_end_to_end_and_resume(tmp_path):
     out = str(tmp_path / "bench")
     common = ["--models", "vit-test", "--size", "16", "--batches", "1", "3"]
     cli.main(["--results", out, "memory", "--methods", "standard", "reprop", *common])
+    # torch's peak at 16 px is the patch embedding's backward in every method (all the
+    # gradients allocated by then), the same per sample: at 32 px it is the layers'
     cli.main(["--results", out, "memory", "--frameworks", "torch", "--methods", "standard",
-                "remat", "reprop", "pareprop", *common])
+                "remat", "reprop", "pareprop", "--models", "vit-test", "--size", "32",
+                "--batches", "2", "4"])
     cli.main(["--results", out, "speed", "--frameworks", "jax", "torch", "--methods",
                 "standard", "pareprop", "--models", "vit-test", "--size", "16", "--batches",
                 "2", "--warmup", "1", "--reps", "2"])
@@ -108,6 +111,45 @@ def test_memory_speed_report_end_to_end_and_resume(tmp_path):
     assert not [f for f in files if f.endswith(".tmp")]
     with open(os.path.join(out, "report.md")) as f:
         assert "Memory per sample" in f.read()
+
+
+def test_torch_memory_is_the_peak_over_forward_and_backward():
+    """torch memory cells on CPU (tiny ViT): the peak of live bytes over the gradient
+    computation is above what the forward keeps, grows with batch in every method, is below
+    plain autograd's for reprop, and reprop's per sample stays flat from depth 2 to 4 while
+    the standard twin's grows; the report fits the peak (``total_bytes``)."""
+    import torch
+
+    from experiments.bench import measure_torch
+    from experiments.bench.cells import METHODS
+
+    grid_ = [(m, 2) for m in METHODS] + [("standard", 4), ("reprop", 4)]
+    cells = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: threads only wait for each other
+    try:
+        for method, depth in grid_:
+            for b in (2, 4):
+                cells[method, depth, b] = measure_torch.memory(
+                    _cell(framework="torch", method=method, batch=b, depth=depth, size=32))
+    finally:
+        torch.set_num_threads(threads)
+    for (method, depth, b), r in cells.items():
+        assert r["peak_bytes"] >= r["kept_bytes"] > 0, (method, depth, b)
+        assert r["total_bytes"] == (r["peak_bytes"] + r["param_bytes"] + r["batch_bytes"]
+                                    + 2 * r["param_bytes"])
+        assert report.measure(r) == r["total_bytes"]
+    slope = {}
+    for method, depth in grid_:
+        small, large = cells[method, depth, 2], cells[method, depth, 4]
+        assert large["peak_bytes"] > small["peak_bytes"], (method, depth)
+        slope[method, depth] = (large["peak_bytes"] - small["peak_bytes"]) / 2
+    for depth in (2, 4):
+        for b in (2, 4):
+            assert cells["standard", depth, b]["peak_bytes"] > cells["reprop", depth, b][
+                "peak_bytes"]
+    assert slope["reprop", 4] <= 1.10 * slope["reprop", 2]
+    assert slope["standard", 4] > 1.5 * slope["standard", 2]
 
 
 def test_max_batch_speed_cells_come_from_the_memory_cells(tmp_path):

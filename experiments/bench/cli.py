@@ -31,12 +31,13 @@ Measures, per cell (one method at one batch size, depth, input size and dtype):
   ``make`` installs it apart, in ``.venv/gpu-compile``, and this command reruns itself
   there, ``revjax.gpu.rerun_with_plugin``); ``gpu``: the compiled analysis on the device,
   and the device's peak bytes in use over the library's training step
-  (``revjax.train.make_train_step``). torch on CPU: bytes the forward leaves allocated for
-  the backward (the CPU allocator, through ``torch.profiler``; saved tensors and selective
-  checkpointing's stored outputs alike) plus parameters, gradients and AdamW's
-  moments; on CUDA ``max_memory_allocated`` of a training step. (The optimizer update's own
-  temporaries are left out on CPU: at small batch they are larger than a reversible model's
-  activations and would hide them; the GPU peak includes them.)
+  (``revjax.train.make_train_step``). torch: the peak of live allocated bytes over the
+  training loss's gradient computation, forward and backward (activations, saved tensors,
+  what the backward rebuilds or recomputes, its temporaries, the gradients; on CPU from the
+  allocator's events through ``torch.profiler``, on CUDA ``max_memory_allocated``), plus
+  parameters, batch and AdamW's moments. (The optimizer update's own temporaries are left
+  out, as in jax: at small batch they are larger than a reversible model's activations and
+  would hide them; a GPU cell's ``device_peak_bytes`` is a whole step's.)
 * speed: samples per second of the training step (median of timed steps after warm-up,
   with the quartiles; the methods of one config run round-robin, so drift hits all alike).
 
@@ -160,8 +161,8 @@ def main(argv=None) -> int:
     else:
         return demo.run(args.results, smoke=args.smoke)
     cols = ["framework", "backend", "model", "method", "batch", "depth", "size", "dtype"]
-    extra = ["total_bytes", "temp_bytes", "kept_bytes", "device_peak_bytes", "samples_per_s",
-             "error"]
+    extra = ["total_bytes", "temp_bytes", "peak_bytes", "kept_bytes", "device_peak_bytes",
+             "samples_per_s", "error"]
     print(table(rows, cols + [c for c in extra if any(c in r for r in rows)]))
     return 0
 

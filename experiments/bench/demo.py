@@ -4,8 +4,8 @@ Memory: Rev-ViT-B and Rev-ViT-L against their standard twins, plain and remateri
 layer, at 224 px in float32, and ViT-L at depths 12 and 48 (memory over depth). The jax
 memory cells only compile (XLA:CPU's memory analysis of the training loss's gradient
 function, nothing runs), so real sizes cost seconds; memory per sample is the slope between
-two batch sizes. torch's row (what the forward keeps for the backward, measured on the CPU
-allocator) runs a forward, so it is ViT-B at two small batches. Speed: ViT-S at 64 px, both
+two batch sizes. torch's row (the peak of live bytes over forward and backward, measured on
+the CPU allocator) runs the gradient computation, so it is ViT-B at two small batches. Speed: ViT-S at 64 px, both
 frameworks, a few timed training steps on the CPU.
 
 Writes the cells, ``report.md`` and the plots into the results folder (atomically, as every
@@ -36,8 +36,8 @@ SMOKE = ([dict(models=["vit-test"], size=32, batches=[2, 3], methods=METHODS[:3]
          dict(frameworks=["jax", "torch"], models=["vit-test"], size=32, batches=[2],
               methods=["standard", "reprop"], warmup=1, reps=2))
 SHOWN = {"jax CPU": "jax, compiled for XLA:CPU (gradient function + AdamW moments)",
-         "torch CPU": "torch, CPU allocator (what the forward keeps for the backward + "
-                      "parameters, gradients, AdamW moments)"}
+         "torch CPU": "torch, CPU allocator (peak over forward and backward, gradients "
+                      "included, + parameters, batch, AdamW moments)"}
 
 
 def headline(results: str) -> str:

@@ -1,11 +1,16 @@
-"""One cell in PyTorch: what the forward keeps for the backward (CPU, ``torch.profiler``) or
-the device's peak (CUDA), and the training step (speed)."""
+"""One cell in PyTorch: the peak of live allocated bytes over the training loss's gradient
+computation (memory: the CPU allocator through ``torch.profiler``, or the CUDA allocator's
+peak), and the training step (speed)."""
 
 from __future__ import annotations
 
+import gc
 from typing import Callable
 
 from experiments.bench.cells import REMAT, Cell, variant_config
+
+# the range that marks the backward in the profile (kept bytes are the live bytes at its start)
+BACKWARD = "bench.backward"
 
 
 def _setup(cell: Cell):
@@ -38,30 +43,104 @@ def _setup(cell: Cell):
     return model, step, batch, task
 
 
-def memory(cell: Cell) -> dict:
-    import torch
+def _gradients(model, batch, task: str) -> None:
+    """The gradient computation a memory cell measures: gradients cleared (``None``), the
+    training loss's forward, its backward (inside the ``BACKWARD`` range); the parameters'
+    ``.grad`` stay allocated, everything else is freed on return."""
+    from torch.profiler import record_function
 
     from revtorch import train
 
+    model.zero_grad(set_to_none=True)
+    loss = train.compute_loss(model, batch, task=task, mode=None)
+    with record_function(BACKWARD):
+        loss.backward()
+    del loss
+
+
+def live_bytes(prof) -> tuple[int, int]:
+    """(peak, at the start of ``BACKWARD``) of the live bytes the CPU allocator handed out
+    inside the profiled window, from the profile's allocation events (``profile_memory``):
+    each allocation adds its size at its time, each free of a block allocated inside the
+    window subtracts it (frees of older blocks are left out, so what existed before the
+    window counts as zero)."""
+    from torch._C._profiler import _EventType
+
+    allocs, mark, stack = [], None, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation:
+            f = e.extra_fields
+            if f.device.type == "cpu":
+                allocs.append((e.start_time_ns, f.ptr, f.alloc_size))
+        elif e.name == BACKWARD and (mark is None or e.start_time_ns < mark):
+            mark = e.start_time_ns
+    if mark is None:
+        raise RuntimeError(f"the profile has no {BACKWARD!r} range")
+    live, peak, kept, blocks = 0, 0, None, {}
+    for t, ptr, size in sorted(allocs, key=lambda a: a[0]):
+        if kept is None and t >= mark:
+            kept = live
+        if size > 0:
+            blocks[ptr] = size
+        elif blocks.pop(ptr, None) is None:
+            continue  # allocated before the window
+        live += size
+        peak = max(peak, live)
+    return peak, live if kept is None else kept
+
+
+def memory(cell: Cell) -> dict:
+    """The peak of live allocated bytes over one gradient computation of the training loss
+    (``peak_bytes``): everything allocated from its start to its end and alive at once —
+    the forward's activations and the autograd graph's saved tensors, what the backward
+    rebuilds or recomputes (a reversible layer's reconstruction, a checkpointed block),
+    the backward's temporaries, and the parameters' gradients (``.grad``, cleared to None
+    before); not the parameters, the batch or the optimizer state, which exist before.
+    On CPU it is read from the CPU allocator's allocation events (``torch.profiler``,
+    ``profile_memory``); on CUDA ``max_memory_allocated`` after ``reset_peak_memory_stats``,
+    minus the bytes allocated before. One unprofiled gradient computation runs first (lazy
+    one-time allocations out of the figure).
+
+    ``kept_bytes`` (CPU): the live bytes between forward and backward, what the forward
+    keeps for the backward (at most the peak). ``total_bytes``, the training-step figure the
+    report fits over batch (as jax's gradient function with AdamW's moments): the peak plus
+    the parameters, the batch and AdamW's two moments. ``device_peak_bytes`` (CUDA): the
+    device's peak over a whole training step (the optimizer update's temporaries in it)."""
+    import torch
+
     model, step, batch, task = _setup(cell)
-    state_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    out = {"param_bytes": param_bytes,
+           "batch_bytes": sum(t.numel() * t.element_size() for t in batch),
+           "moments_bytes": 2 * param_bytes}
     if cell.backend == "gpu":
-        step()  # optimizer state allocated
+        step()  # optimizer state allocated, lazy initialisation done
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
-        return {"device_peak_bytes": torch.cuda.max_memory_allocated(),
-                "state_bytes": 4 * state_bytes}
-    from torch.profiler import ProfilerActivity, profile
+        out["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        _gradients(model, batch, task)
+        torch.cuda.synchronize()
+        out["peak_bytes"] = torch.cuda.max_memory_allocated() - before
+    else:
+        from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        loss = train.compute_loss(model, batch, task=task, mode=None)
-    kept = sum(e.self_cpu_memory_usage for e in prof.events())
-    del loss  # what the forward kept is counted; the backward itself is not needed
-    # parameters, their gradients and AdamW's two moments, next to what the forward keeps
-    return {"kept_bytes": kept, "state_bytes": 4 * state_bytes,
-            "total_bytes": kept + 4 * state_bytes}
+        _gradients(model, batch, task)  # warm-up
+        model.zero_grad(set_to_none=True)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            _gradients(model, batch, task)
+        out["peak_bytes"], out["kept_bytes"] = live_bytes(prof)
+    out["total_bytes"] = (out["peak_bytes"] + out["param_bytes"] + out["batch_bytes"]
+                          + out["moments_bytes"])
+    return out
 
 
 def runner(cell: Cell) -> Callable[[], None]:

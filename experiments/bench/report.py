@@ -25,8 +25,9 @@ MiB, GiB = 2**20, 2**30
 
 
 def measure(row: dict) -> float | None:
-    """The training-step bytes of a memory cell: the compiled gradient function plus the
-    optimizer moments (jax), or kept + state bytes (torch on CPU), or the device's peak."""
+    """The training-step bytes of a memory cell (``total_bytes``): the compiled gradient
+    function plus the optimizer moments (jax), or the peak of live bytes over the gradient
+    computation plus parameters, batch and moments (torch); else the device's peak."""
     for k in ("total_bytes", "device_peak_bytes"):
         if row.get(k) is not None:
             return float(row[k])
