@@ -156,7 +156,7 @@ FAMILIES = ["rev-vit-test", "rev-swin-test", "rev-mvit-test", "rev-roberta-test"
 @pytest.mark.parametrize("mode", revjax.MODES)
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_mode_compiles_for_h200(name, mode, topo):
-    from experiments.gpu_compile import TEST_OVERRIDES, compile_step
+    from experiments.probes.gpu_compile import TEST_OVERRIDES, compile_step
 
     # the full optimizer step, which holds the gradient
     hlo = compile_step(name, mode, topo, **TEST_OVERRIDES.get(name, {})).as_text()
@@ -166,7 +166,7 @@ def test_every_mode_compiles_for_h200(name, mode, topo):
 @needs_plugin
 @pytest.mark.parametrize("name", FAMILIES)
 def test_pareprop_on_streams_compiles_for_h200(name, topo):
-    from experiments.gpu_compile import TEST_OVERRIDES, compile_step
+    from experiments.probes.gpu_compile import TEST_OVERRIDES, compile_step
 
     # with the stream annotations on, every family's pareprop compiles too, with both
     # halves on their streams in one scheduled computation
@@ -184,7 +184,7 @@ def test_pareprop_on_streams_compiles_for_h200(name, topo):
                           "the other (docs/pareprop-gpu.md); a pass here means it overlaps "
                           "them now, and GPU_STREAMS should default to on")
 def test_streams_overlap_in_the_scheduled_loop(topo):
-    from experiments.gpu_compile import compile_step
+    from experiments.probes.gpu_compile import compile_step
 
     hlo = compile_step("rev-vit-test", "pareprop", topo, streams=True, optimizer=False,
                        depth=3).as_text()
