@@ -104,24 +104,32 @@ def layer_forward(f, g, pf, pg, x1, x2, shared, pl):
     return y1, y2
 
 
+# What a half's kept VJP stores, as a ``jax.checkpoint`` policy (None: what ``jax.vjp``
+# keeps). Set by experiments only.
+RESIDUAL_POLICY = None
+
+
 def _kept_vjp(fn, p, x, shared, pl):
     """``fn(p, x, *shared, **pl)`` with its VJP flattened to arrays (for a scan carry).
 
-    Residual leaves that *are* one of the half's known inputs (its parameters, ``shared``,
-    ``pl``: the step can supply them again) are left out. Returns ``(out, residual leaves,
-    spec)``; ``spec`` is static and the same at every layer.
+    Residual leaves that *are* one of the half's inputs (its parameters, its input ``x``,
+    ``shared``, ``pl``: the step has them again) are left out. Returns ``(out, residual
+    leaves, spec)``; ``spec`` is static and the same at every layer.
     """
-    out, vjp = jax.vjp(lambda p, x: fn(p, x, *shared, **pl), p, x)
+    body = lambda p, x: fn(p, x, *shared, **pl)
+    if RESIDUAL_POLICY is not None:
+        body = jax.checkpoint(body, policy=RESIDUAL_POLICY)
+    out, vjp = jax.vjp(body, p, x)
     leaves, treedef = jax.tree.flatten(vjp)
-    known_ids = {id(k): n for n, k in enumerate(jax.tree.leaves((p, shared, pl)))}
+    known_ids = {id(k): n for n, k in enumerate(jax.tree.leaves((p, x, shared, pl)))}
     slots = tuple(known_ids.get(id(leaf)) for leaf in leaves)
     return out, [leaf for leaf, s in zip(leaves, slots) if s is None], (treedef, slots)
 
 
-def _apply_vjp(spec, res, p, shared, pl, cotangent):
+def _apply_vjp(spec, res, p, x, shared, pl, cotangent):
     """The kept VJP of a half (``_kept_vjp``) applied: ``(dp, dx)``."""
     treedef, slots = spec
-    known, it = jax.tree.leaves((p, shared, pl)), iter(res)
+    known, it = jax.tree.leaves((p, x, shared, pl)), iter(res)
     return jax.tree.unflatten(treedef, [next(it) if s is None else known[s] for s in slots])(
         cotangent)
 
@@ -142,16 +150,16 @@ def rebuild_f(f, pf, y1, x2, shared, pl, anchor=None):
     return (x1 if anchor is None else jnp.where(anchor[0], anchor[1], x1)), res, spec
 
 
-def grad_g(spec, res, pg, shared, pl, dy1, dy2):
+def grad_g(spec, res, pg, y1, shared, pl, dy1, dy2):
     """Through ``Y2 = X2 + G(Y1)``: ``(dX1, dPg)``; dX1 is all of dY1, since also
     ``Y1 = X1 + F(X2)``."""
-    dpg, dy1_g = _apply_vjp(spec, res, pg, shared, pl, dy2)
+    dpg, dy1_g = _apply_vjp(spec, res, pg, y1, shared, pl, dy2)
     return dy1 + dy1_g, dpg
 
 
-def grad_f(spec, res, pf, shared, pl, dx1, dy2):
+def grad_f(spec, res, pf, x2, shared, pl, dx1, dy2):
     """Through ``Y1 = X1 + F(X2)``: ``(dX2, dPf)``."""
-    dpf, dx2_f = _apply_vjp(spec, res, pf, shared, pl, dx1)
+    dpf, dx2_f = _apply_vjp(spec, res, pf, x2, shared, pl, dx1)
     return dy2 + dx2_f, dpf
 
 
@@ -208,8 +216,8 @@ def _backward(f, g, mode, anchor_every, saved, dy):
             pf, pg, pl = _at((params_f, params_g, per_layer), i)
             x2, res_g, spec_g = rebuild_g(g, pg, y1, y2, shared, pl, anchor(i))
             x1, res_f, spec_f = rebuild_f(f, pf, y1, x2, shared, pl, anchor(i))
-            dx1, dpg = grad_g(spec_g, res_g, pg, shared, pl, dy1, dy2)
-            dx2, dpf = grad_f(spec_f, res_f, pf, shared, pl, dx1, dy2)
+            dx1, dpg = grad_g(spec_g, res_g, pg, y1, shared, pl, dy1, dy2)
+            dx2, dpf = grad_f(spec_f, res_f, pf, x2, shared, pl, dx1, dy2)
             return ((x1, x2), (dx1, dx2), put(grads, i, dpf, dpg)), None
 
         (_, dx, grads), _ = lax.scan(step, ((y1, y2), dy, grads0), jnp.arange(depth),
@@ -217,13 +225,18 @@ def _backward(f, g, mode, anchor_every, saved, dy):
     else:  # pareprop: the gradient of each half beside the rebuild of the next
         # Prologue: rebuild G of the top layer. The slices of G's parameters and of the
         # per-layer inputs travel with G's residuals to the step that differentiates them.
+        # The barrier ties the rebuild to the cotangent's arrival: it needs none, and would
+        # otherwise be free to start at the beginning of the whole backward (every stage of
+        # a hierarchical model holding its top residuals at once).
+        (y1, y2), dy = lax.optimization_barrier(((y1, y2), dy))
         pg_top, pl_top = _at((params_g, per_layer), depth - 1)
         x2_top, res_g_top, spec_g = rebuild_g(g, pg_top, y1, y2, shared, pl_top,
                                               anchor(depth - 1))
 
-        def layer_step(i, y1, x2, pg, pl, res_g, dy1, dy2, next_layer):
-            """Layer i: (a) G's gradient beside F's rebuild, (b) F's gradient beside the
-            rebuild of G of layer i-1 (with ``next_layer``; layer 0 has none)."""
+        def step(carry, i):
+            """Layer i: (a) G's gradient beside F's rebuild; (b) F's gradient beside the
+            rebuild of G of layer i-1."""
+            (y1, x2, pg, pl, res_g), (dy1, dy2), grads = carry
             pf, spec_f = _at(params_f, i), []
 
             def rebuild_f_piece(y1, x2):  # arrays out (a stream region's outputs); spec aside
@@ -232,35 +245,31 @@ def _backward(f, g, mode, anchor_every, saved, dy):
                 return x1, res_f
 
             (dx1, dpg), (x1, res_f) = streams.side_by_side(
-                partial(grad_g, spec_g), (res_g, pg, shared, pl, dy1, dy2),
+                partial(grad_g, spec_g), (res_g, pg, y1, shared, pl, dy1, dy2),
                 rebuild_f_piece, (y1, x2))
-            grad_f_piece = partial(grad_f, spec_f[0])
-            if not next_layer:
-                dx2, dpf = grad_f_piece(res_f, pf, shared, pl, dx1, dy2)
-                return None, (dx1, dx2), (dpf, dpg)
+            # Both pieces of (a) end before (b) starts: the rebuild chain may not run ahead
+            # of the gradient chain, which would keep G_i's residuals alive beside G_{i-1}'s.
+            x1, dx1 = lax.optimization_barrier((x1, dx1))
 
             def rebuild_next(x1, x2):
-                pg_p, pl_p = _at((params_g, per_layer), i - 1)
-                x2_p, res_g_p, spec = rebuild_g(g, pg_p, x1, x2, shared, pl_p, anchor(i - 1))
+                # Layer 0 has no layer below: its step rebuilds G_0 again, and the result is
+                # dropped. Every layer's step then runs inside one loop; the last step kept
+                # outside it was left for XLA to schedule freely among the rest of the
+                # backward, which held its residuals far longer (docs/pareprop.md).
+                below = jnp.maximum(i - 1, 0)
+                pg_p, pl_p = _at((params_g, per_layer), below)
+                x2_p, res_g_p, spec = rebuild_g(g, pg_p, x1, x2, shared, pl_p, anchor(below))
                 if spec[1] != spec_g[1]:
                     raise AssertionError("G's residual layout changed between layers")
                 return x2_p, pg_p, pl_p, res_g_p
 
             (dx2, dpf), nxt = streams.side_by_side(
-                grad_f_piece, (res_f, pf, shared, pl, dx1, dy2), rebuild_next, (x1, x2))
-            return (x1, *nxt), (dx1, dx2), (dpf, dpg)
-
-        def step(carry, i):
-            (y1, x2, pg, pl, res_g), (dy1, dy2), grads = carry
-            nxt, dx, (dpf, dpg) = layer_step(i, y1, x2, pg, pl, res_g, dy1, dy2, True)
-            return (nxt, dx, put(grads, i, dpf, dpg)), None
+                partial(grad_f, spec_f[0]), (res_f, pf, x2, shared, pl, dx1, dy2),
+                rebuild_next, (x1, x2))
+            return ((x1, *nxt), (dx1, dx2), put(grads, i, dpf, dpg)), None
 
         carry = ((y1, x2_top, pg_top, pl_top, res_g_top), dy, grads0)
-        if depth > 1:  # layers depth-1 .. 1, each ending with the rebuild of G below it
-            carry, _ = lax.scan(step, carry, jnp.arange(1, depth), reverse=True)
-        (y1, x2, pg, pl, res_g), (dy1, dy2), grads = carry
-        _, dx, (dpf, dpg) = layer_step(0, y1, x2, pg, pl, res_g, dy1, dy2, False)
-        grads = put(grads, 0, dpf, dpg)
+        (_, dx, grads), _ = lax.scan(step, carry, jnp.arange(depth), reverse=True)
 
     grads = jax.tree.map(lambda p, d: d if _inexact(p) else _zero_cotangent(p),
                          (params_f, params_g), grads)
