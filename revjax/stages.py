@@ -3,8 +3,11 @@
 A hierarchical model is a chain of stages. Each stage is a stack of layers (``RevStack``,
 which keeps only its outputs for the backward; ``ResidualStack`` in the standard twin),
 preceded from the second stage on by an ordinary *transition* that changes resolution or
-width (Swin's patch merging, MViT's pooling block). Transitions run under plain autodiff and
-keep their activations; their cost does not grow with the stages' depth.
+width (Swin's patch merging, MViT's pooling block). In the reversible modes (``reprop``,
+``pareprop``) the fusion and transition are rematerialised (``nnx.remat``): the backward
+recomputes them from the previous stack's outputs, which that stack keeps anyway, instead of
+storing their activations at the higher resolution. Under ``backprop`` they keep their
+activations as every layer does.
 
 A transition takes one tensor, so a reversible model first fuses its two streams (the
 "lateral connection" of Mangalam et al., 2022, "Reversible Vision Transformers"); after the
@@ -84,6 +87,12 @@ def concat(streams: tuple) -> jax.Array:
     return jnp.concatenate(streams, axis=-1) if len(streams) > 1 else streams[0]
 
 
+def _enter(fusion, transition, streams: tuple, kw: dict) -> jax.Array:
+    """A stage's entry: the fused streams (or the one stream) through the transition."""
+    x = fusion(*streams) if fusion is not None else streams[0]
+    return transition(x, **kw)
+
+
 class Stage(nnx.Module):
     """One stage: [fusion ->] [transition ->] a reversible (or residual) stack.
 
@@ -141,8 +150,12 @@ class Stage(nnx.Module):
                              f"takes {2 if self.reversible else 1} stream(s), got "
                              f"{len(streams)}")
         if self.transition is not None:
-            x = self.fusion(*streams) if self.fusion is not None else streams[0]
-            x = self.transition(x, **(transition_kw or {}))
+            enter = _enter
+            if self.reversible and (mode or self.blocks.mode) != "backprop":
+                # Rematerialised: its input is the previous stack's output, which that
+                # stack's backward keeps anyway; only what it computes would be stored.
+                enter = nnx.remat(_enter)
+            x = enter(self.fusion, self.transition, streams, dict(transition_kw or {}))
             streams = start(x, self.reversible)
         if self.reversible:
             return self.blocks(*streams, *shared, per_layer=per_layer, mode=mode)

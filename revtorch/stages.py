@@ -3,8 +3,12 @@
 A hierarchical model is a chain of stages. Each stage is a stack of layers (``RevStack``,
 which keeps only its outputs for the backward; ``ResidualStack`` in the standard twin),
 preceded from the second stage on by an ordinary *transition* that changes resolution or
-width (Swin's patch merging, MViT's pooling block). Transitions run under plain autograd and
-keep their activations; their cost does not grow with the stages' depth.
+width (Swin's patch merging, MViT's pooling block). In the reversible modes (``reprop``,
+``pareprop``) the fusion and transition are rematerialised (non-reentrant
+``torch.utils.checkpoint``, which also replays dropout's RNG): the backward recomputes them
+from the previous stack's outputs, which that stack keeps anyway, instead of storing their
+activations at the higher resolution. Under ``backprop`` they keep their activations as every
+layer does.
 
 A transition takes one tensor, so a reversible model first fuses its two streams (the
 "lateral connection" of Mangalam et al., 2022, "Reversible Vision Transformers"); after the
@@ -29,6 +33,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from . import layers
 from .core import MODES
@@ -84,6 +89,12 @@ def start(x: Tensor, reversible: bool) -> tuple[Tensor, ...]:
 def concat(streams: tuple[Tensor, ...]) -> Tensor:
     """The streams leaving the last stage side by side: width 2C (reversible) or C."""
     return torch.cat(streams, dim=-1) if len(streams) > 1 else streams[0]
+
+
+def _enter(fusion, transition, streams: tuple, kw: dict) -> Tensor:
+    """A stage's entry: the fused streams (or the one stream) through the transition."""
+    x = fusion(*streams) if fusion is not None else streams[0]
+    return transition(x, **kw)
 
 
 class Stage(nn.Module):
@@ -156,8 +167,15 @@ class Stage(nn.Module):
             kind = "reversible" if self.reversible else "standard"
             raise ValueError(f"a {kind} stage takes {want} stream(s), got {len(streams)}")
         if self.transition is not None:
-            x = self.fusion(*streams) if self.fusion is not None else streams[0]
-            x = self.transition(x, **(transition_kw or {}))
+            kw = dict(transition_kw or {})
+            if self.reversible and (mode or self.blocks.mode) != "backprop" \
+                    and torch.is_grad_enabled():
+                # Rematerialised: its input is the previous stack's output, which that
+                # stack's backward keeps anyway; only what it computes would be stored.
+                x = checkpoint(_enter, self.fusion, self.transition, streams, kw,
+                               use_reentrant=False)
+            else:
+                x = _enter(self.fusion, self.transition, streams, kw)
             streams = start(x, self.reversible)
         if self.reversible:
             return self.blocks(*streams, *shared, per_layer=per_layer, mode=mode)
