@@ -51,6 +51,7 @@ from .numerics import anchor_at, anchor_every_of, empty_anchors, keep_anchor, \
     stream_dtype_of, with_policy
 
 MODES = ("backprop", "reprop", "pareprop")
+DEFAULT_MODE = "reprop"  # models' and stacks' mode when none is given (README: why)
 
 Fn = Callable[..., jax.Array]  # f(params_i, x, *shared, **per_layer_i) -> array like x
 PyTree = Any
@@ -104,21 +105,26 @@ def layer_forward(f, g, pf, pg, x1, x2, shared, pl):
     return y1, y2
 
 
-# What a half's kept VJP stores, as a ``jax.checkpoint`` policy (None: what ``jax.vjp``
-# keeps). Set by experiments only.
-RESIDUAL_POLICY = None
+# What pareprop's kept VJPs store, as a ``jax.checkpoint`` policy: the outputs of matmuls
+# without batch dimensions; elementwise results (GELU, LayerNorm) and attention's batched
+# products are recomputed by the gradient piece. A half's residuals travel in the loop carry
+# from one step to the next, where XLA cannot fuse them away as it does inside reprop's step
+# (H200 compile, per sample: ViT-L pareprop 35.6 -> 18.7 MiB; docs/pareprop.md). reprop keeps
+# what ``jax.vjp`` keeps.
+PAREPROP_RESIDUALS = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
 
 
-def _kept_vjp(fn, p, x, shared, pl):
+def _kept_vjp(fn, p, x, shared, pl, policy=None):
     """``fn(p, x, *shared, **pl)`` with its VJP flattened to arrays (for a scan carry).
 
     Residual leaves that *are* one of the half's inputs (its parameters, its input ``x``,
     ``shared``, ``pl``: the step has them again) are left out. Returns ``(out, residual
-    leaves, spec)``; ``spec`` is static and the same at every layer.
+    leaves, spec)``; ``spec`` is static and the same at every layer. ``policy``: what the VJP
+    stores (a ``jax.checkpoint`` policy; None: what ``jax.vjp`` stores).
     """
     body = lambda p, x: fn(p, x, *shared, **pl)
-    if RESIDUAL_POLICY is not None:
-        body = jax.checkpoint(body, policy=RESIDUAL_POLICY)
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy)
     out, vjp = jax.vjp(body, p, x)
     leaves, treedef = jax.tree.flatten(vjp)
     known_ids = {id(k): n for n, k in enumerate(jax.tree.leaves((p, x, shared, pl)))}
@@ -134,18 +140,18 @@ def _apply_vjp(spec, res, p, x, shared, pl, cotangent):
         cotangent)
 
 
-def rebuild_g(g, pg, y1, y2, shared, pl, anchor=None):
+def rebuild_g(g, pg, y1, y2, shared, pl, anchor=None, policy=None):
     """``X2 = Y2 - G(Y1)``, keeping G's VJP: ``(x2, residuals, spec)``. With ``anchor =
     (is_anchor, a1, a2)`` the stored exact X2 replaces the rebuilt one where ``is_anchor``."""
-    out, res, spec = _kept_vjp(g, pg, y1, shared, pl)
+    out, res, spec = _kept_vjp(g, pg, y1, shared, pl, policy)
     x2 = y2 - out
     return (x2 if anchor is None else jnp.where(anchor[0], anchor[2], x2)), res, spec
 
 
-def rebuild_f(f, pf, y1, x2, shared, pl, anchor=None):
+def rebuild_f(f, pf, y1, x2, shared, pl, anchor=None, policy=None):
     """``X1 = Y1 - F(X2)``, keeping F's VJP: ``(x1, residuals, spec)`` (``anchor``: as
     ``rebuild_g``'s, for X1)."""
-    out, res, spec = _kept_vjp(f, pf, x2, shared, pl)
+    out, res, spec = _kept_vjp(f, pf, x2, shared, pl, policy)
     x1 = y1 - out
     return (x1 if anchor is None else jnp.where(anchor[0], anchor[1], x1)), res, spec
 
@@ -231,7 +237,7 @@ def _backward(f, g, mode, anchor_every, saved, dy):
         (y1, y2), dy = lax.optimization_barrier(((y1, y2), dy))
         pg_top, pl_top = _at((params_g, per_layer), depth - 1)
         x2_top, res_g_top, spec_g = rebuild_g(g, pg_top, y1, y2, shared, pl_top,
-                                              anchor(depth - 1))
+                                              anchor(depth - 1), PAREPROP_RESIDUALS)
 
         def step(carry, i):
             """Layer i: (a) G's gradient beside F's rebuild; (b) F's gradient beside the
@@ -240,7 +246,8 @@ def _backward(f, g, mode, anchor_every, saved, dy):
             pf, spec_f = _at(params_f, i), []
 
             def rebuild_f_piece(y1, x2):  # arrays out (a stream region's outputs); spec aside
-                x1, res_f, spec = rebuild_f(f, pf, y1, x2, shared, pl, anchor(i))
+                x1, res_f, spec = rebuild_f(f, pf, y1, x2, shared, pl, anchor(i),
+                                            PAREPROP_RESIDUALS)
                 spec_f[:] = [spec]
                 return x1, res_f
 
@@ -258,7 +265,8 @@ def _backward(f, g, mode, anchor_every, saved, dy):
                 # backward, which held its residuals far longer (docs/pareprop.md).
                 below = jnp.maximum(i - 1, 0)
                 pg_p, pl_p = _at((params_g, per_layer), below)
-                x2_p, res_g_p, spec = rebuild_g(g, pg_p, x1, x2, shared, pl_p, anchor(below))
+                x2_p, res_g_p, spec = rebuild_g(g, pg_p, x1, x2, shared, pl_p, anchor(below),
+                                                PAREPROP_RESIDUALS)
                 if spec[1] != spec_g[1]:
                     raise AssertionError("G's residual layout changed between layers")
                 return x2_p, pg_p, pl_p, res_g_p

@@ -126,7 +126,9 @@ def test_cpu_compiler_options_drop_the_carried_residual_copies():
     tuned = jax.jit(fn, static_argnums=6,
                     compiler_options=revjax.CPU_COMPILER_OPTIONS).lower(*args).compile()
     copies = lambda c: len(re.findall(r" copy\(", c.as_text()))  # noqa: E731
-    assert copies(tuned) <= 0.6 * copies(plain), (copies(tuned), copies(plain))
+    assert copies(tuned) <= 0.7 * copies(plain), (copies(tuned), copies(plain))
+    temp = lambda c: c.memory_analysis().temp_size_in_bytes  # noqa: E731
+    assert temp(tuned) <= temp(plain), (temp(tuned), temp(plain))
     assert tree_rel_err(tuned(*args[:6]), plain(*args[:6])) <= TOL[jnp.float32]
 
 
