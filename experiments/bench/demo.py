@@ -5,8 +5,8 @@ layer, at 224 px in float32, and ViT-L at depths 12 and 48 (memory over depth). 
 memory cells only compile (XLA:CPU's memory analysis of the training loss's gradient
 function, nothing runs), so real sizes cost seconds; memory per sample is the slope between
 two batch sizes. torch's row (the peak of live bytes over forward and backward, measured on
-the CPU allocator) runs the gradient computation, so it is ViT-B at two small batches. Speed: ViT-S at 64 px, both
-frameworks, a few timed training steps on the CPU.
+the CPU allocator) runs the gradient computation, so it is ViT-B at two small batches.
+Speed: ViT-S at 64 px, both frameworks, a few timed training steps on the CPU.
 
 Writes the cells, ``report.md`` and the plots into the results folder (atomically, as every
 command of the suite) and prints the headline: memory per sample of each method, each

@@ -58,12 +58,13 @@ def _gradients(model, batch, task: str) -> None:
     del loss
 
 
-def live_bytes(prof) -> tuple[int, int]:
-    """(peak, at the start of ``BACKWARD``) of the live bytes the CPU allocator handed out
-    inside the profiled window, from the profile's allocation events (``profile_memory``):
-    each allocation adds its size at its time, each free of a block allocated inside the
-    window subtracts it (frees of older blocks are left out, so what existed before the
-    window counts as zero)."""
+def live_bytes(prof, apart=()) -> tuple[int, int, int]:
+    """(peak, at the start of ``BACKWARD``, peak without ``apart``) of the live bytes the CPU
+    allocator handed out inside the profiled window, from the profile's allocation events
+    (``profile_memory``): each allocation adds its size at its time, each free of a block
+    allocated inside the window subtracts it (frees of older blocks are left out, so what
+    existed before the window counts as zero). ``apart``: addresses of blocks still
+    allocated at the end (the gradients), left out of the third figure."""
     from torch._C._profiler import _EventType
 
     allocs, mark, stack = [], None, list(prof.profiler.kineto_results.experimental_event_tree())
@@ -78,8 +79,11 @@ def live_bytes(prof) -> tuple[int, int]:
             mark = e.start_time_ns
     if mark is None:
         raise RuntimeError(f"the profile has no {BACKWARD!r} range")
-    live, peak, kept, blocks = 0, 0, None, {}
-    for t, ptr, size in sorted(allocs, key=lambda a: a[0]):
+    allocs.sort(key=lambda a: a[0])
+    last = {ptr: i for i, (_, ptr, size) in enumerate(allocs) if size > 0 and ptr in apart}
+    kept_apart = set(last.values())  # never freed: alive at the end
+    live, peak, kept, rest, rest_peak, blocks = 0, 0, None, 0, 0, {}
+    for i, (t, ptr, size) in enumerate(allocs):
         if kept is None and t >= mark:
             kept = live
         if size > 0:
@@ -88,7 +92,10 @@ def live_bytes(prof) -> tuple[int, int]:
             continue  # allocated before the window
         live += size
         peak = max(peak, live)
-    return peak, live if kept is None else kept
+        if i not in kept_apart:
+            rest += size
+            rest_peak = max(rest_peak, rest)
+    return peak, live if kept is None else kept, rest_peak
 
 
 def memory(cell: Cell) -> dict:
@@ -104,9 +111,13 @@ def memory(cell: Cell) -> dict:
     one-time allocations out of the figure).
 
     ``kept_bytes`` (CPU): the live bytes between forward and backward, what the forward
-    keeps for the backward (at most the peak). ``total_bytes``, the training-step figure the
-    report fits over batch (as jax's gradient function with AdamW's moments): the peak plus
-    the parameters, the batch and AdamW's two moments. ``device_peak_bytes`` (CUDA): the
+    keeps for the backward (at most the peak). ``activation_peak_bytes`` (CPU): the peak of
+    the same live bytes without the parameters' gradients (which the backward allocates as
+    it frees the activations; at small batch the gradients of a large model are the peak, in
+    every method alike); plus the parameter bytes it is jax's accounting (gradients as
+    outputs that exist throughout, the temporaries' peak). ``total_bytes``, the
+    training-step figure the report fits over batch (as jax's gradient function with
+    AdamW's moments): the peak plus the parameters, the batch and AdamW's two moments. ``device_peak_bytes`` (CUDA): the
     device's peak over a whole training step (the optimizer update's temporaries in it)."""
     import torch
 
@@ -137,7 +148,10 @@ def memory(cell: Cell) -> dict:
         model.zero_grad(set_to_none=True)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             _gradients(model, batch, task)
-        out["peak_bytes"], out["kept_bytes"] = live_bytes(prof)
+        grads = {p.grad.untyped_storage().data_ptr() for p in model.parameters()
+                 if p.grad is not None}
+        out["peak_bytes"], out["kept_bytes"], out["activation_peak_bytes"] = live_bytes(
+            prof, grads)
     out["total_bytes"] = (out["peak_bytes"] + out["param_bytes"] + out["batch_bytes"]
                           + out["moments_bytes"])
     return out
