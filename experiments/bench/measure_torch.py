@@ -117,8 +117,9 @@ def memory(cell: Cell) -> dict:
     every method alike); plus the parameter bytes it is jax's accounting (gradients as
     outputs that exist throughout, the temporaries' peak). ``total_bytes``, the
     training-step figure the report fits over batch (as jax's gradient function with
-    AdamW's moments): the peak plus the parameters, the batch and AdamW's two moments. ``device_peak_bytes`` (CUDA): the
-    device's peak over a whole training step (the optimizer update's temporaries in it)."""
+    AdamW's moments): the peak plus the parameters, the batch and AdamW's two moments.
+    ``device_peak_bytes`` (CUDA): the device's peak over a whole training step (the
+    optimizer update's temporaries in it)."""
     import torch
 
     model, step, batch, task = _setup(cell)
