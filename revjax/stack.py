@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .core import MODES, reversible
+from .core import DEFAULT_MODE, MODES, reversible
 from .numerics import anchor_every_of, stream_dtype_of
 from .rebuild import (RebuildError, check_options, check_rebuild, rebuild_errors,
                       report_rebuild)
@@ -96,7 +96,7 @@ class RevStack(nnx.Module):
 
     def __init__(self, make_f: Callable[[nnx.Rngs], nnx.Module],
                  make_g: Callable[[nnx.Rngs], nnx.Module], *, depth: int, rngs: nnx.Rngs,
-                 mode: str = "pareprop", stream_dtype=None, anchor_every: int | None = None):
+                 mode: str = DEFAULT_MODE, stream_dtype=None, anchor_every: int | None = None):
         if not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth must be a positive int, got {depth!r}")
         if mode not in MODES:

@@ -115,7 +115,7 @@ class Stage(nnx.Module):
 
     def __init__(self, make_f: Callable[[nnx.Rngs], nnx.Module],
                  make_g: Callable[[nnx.Rngs], nnx.Module], *, depth: int, rngs: nnx.Rngs,
-                 reversible: bool = True, mode: str = "pareprop",
+                 reversible: bool = True, mode: str = "reprop",
                  make_transition: Callable[[int, nnx.Rngs], nnx.Module] | None = None,
                  in_dim: int | None = None, fusion: str = "avg", stack_options=None, dtype=None,
                  param_dtype=jnp.float32):

@@ -60,6 +60,7 @@ from .numerics import anchor_at, anchor_every_of, stream_dtype_of, with_policy
 from .streams import CALLER, InOrderStreams
 
 MODES = ("backprop", "reprop", "pareprop")
+DEFAULT_MODE = "reprop"  # models' and stacks' mode when none is given (README: why)
 G_STREAM, F_STREAM = 0, 1  # pareprop's work streams: G halves on one, F halves on the other
 
 

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts, noop_context_fn)
 
-from revtorch.core import MODES, _slice, reversible
+from revtorch.core import DEFAULT_MODE, MODES, _slice, reversible
 from revtorch.numerics import anchor_every_of, stream_dtype_of
 from revtorch.rebuild import RebuildError, check_options, check_rebuild, report_rebuild
 
@@ -46,7 +46,7 @@ class RevStack(nn.Module):
         make_g: Callable[[], nn.Module],
         *,
         depth: int,
-        mode: str = "pareprop",
+        mode: str = DEFAULT_MODE,
         stream_dtype: str | torch.dtype | None = None,
         anchor_every: int | None = None,
     ) -> None:

@@ -124,7 +124,7 @@ class Stage(nn.Module):
         *,
         depth: int,
         reversible: bool = True,
-        mode: str = "pareprop",
+        mode: str = "reprop",
         make_transition: Callable[[int], nn.Module] | None = None,
         in_dim: int | None = None,
         fusion: str = "avg",

@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", help="cifar10: directory; npz: file")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--mode", default=None, help="backprop, reprop or pareprop (default: the "
-                   "model's: pareprop for reversible models, backprop for standard ones)")
+                   "model's: reprop for reversible models, backprop for standard ones)")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="compute dtype (parameters stay float32; float64 needs JAX_ENABLE_X64; "
                    "float16: torch only, with a GradScaler)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..core import MODES
+from ..core import DEFAULT_MODE, MODES
 
 
 def with_overrides(config, overrides: dict):
@@ -19,9 +19,9 @@ def with_overrides(config, overrides: dict):
 
 def resolve_mode(config, mode: str | None) -> str:
     """The backward mode for a call: reversible models take any of ``MODES`` (default
-    ``pareprop``); standard twins only ``backprop``."""
+    ``DEFAULT_MODE``: reprop); standard twins only ``backprop``."""
     if mode is None:
-        return "pareprop" if config.reversible else "backprop"
+        return DEFAULT_MODE if config.reversible else "backprop"
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not config.reversible and mode != "backprop":

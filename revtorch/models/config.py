@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from ..core import MODES
+from ..core import DEFAULT_MODE, MODES
 
 # Compute dtypes below the parameters' that a model runs under ``torch.autocast``.
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
@@ -26,9 +26,9 @@ def with_overrides(config, overrides: dict):
 
 def resolve_mode(config, mode: str | None) -> str:
     """The backward mode for a call: reversible models take any of ``MODES`` (default
-    ``pareprop``); standard twins only ``backprop``."""
+    ``DEFAULT_MODE``: reprop); standard twins only ``backprop``."""
     if mode is None:
-        return "pareprop" if config.reversible else "backprop"
+        return DEFAULT_MODE if config.reversible else "backprop"
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not config.reversible and mode != "backprop":

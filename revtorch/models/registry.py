@@ -47,8 +47,9 @@ def names() -> list[str]:
 def build(name: str, *, mode: str | None = None, **overrides) -> nn.Module:
     """Build a registered model.
 
-    ``mode`` is the default backward mode (``revtorch.MODES``); ``None`` means ``pareprop``
-    for reversible models and ``backprop`` for standard twins, which accept nothing else.
+    ``mode`` is the default backward mode (``revtorch.MODES``); ``None`` means
+    ``revtorch.DEFAULT_MODE`` (``reprop``) for reversible models and ``backprop`` for standard
+    twins, which accept nothing else; pass ``mode="pareprop"`` for PaReprop by default.
     ``overrides`` replace fields of the variant's config (``depth``, ``dim``, ``heads``,
     ``mlp_ratio``, ``num_classes``, ``img_size``, ``patch_size``, ``dtype``, ``param_dtype``,
     ``drop_rate``, ``drop_path_rate``, ...); unknown keys are an error. Build under

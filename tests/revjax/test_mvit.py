@@ -467,7 +467,7 @@ def test_transition_block_pools_by_2_with_a_max_pool_shortcut(dim_in, dim_out):
 
 def test_layout_and_geometry():
     model = abstract_model()
-    assert model.mode == "pareprop" and model.norm.scale.shape == (128,)
+    assert model.mode == "reprop" and model.norm.scale.shape == (128,)
     assert model.head.kernel.shape == (128, 10)
     assert [(g.resolution, g.dim, g.heads, g.kv_stride, g.in_resolution, g.in_dim)
             for g in model.geometry] == [(8, 16, 1, 4, 8, 16), (4, 32, 2, 2, 8, 16),

@@ -341,4 +341,4 @@ def test_registry_names():
     names = revjax.models.names()
     for v in ("base", "large", "test"):
         assert f"rev-roberta-{v}" in names and f"roberta-{v}" in names
-    assert revjax.models.build("rev-roberta-test", rngs=nnx.Rngs(0)).mode == "pareprop"
+    assert revjax.models.build("rev-roberta-test", rngs=nnx.Rngs(0)).mode == "reprop"

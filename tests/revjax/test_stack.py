@@ -143,6 +143,14 @@ class Widening(nnx.Module):
         return self.lin(x)
 
 
+def test_default_mode_is_reprop():
+    """reprop by default (pareprop holds more memory per sample on the GPU compile); pareprop
+    stays a choice per stack."""
+    assert revjax.DEFAULT_MODE == "reprop" and revjax.DEFAULT_MODE in revjax.MODES
+    assert revjax.RevStack(F, G, depth=1, rngs=nnx.Rngs(0)).mode == revjax.DEFAULT_MODE
+    assert revjax.RevStack(F, G, depth=1, rngs=nnx.Rngs(0), mode="pareprop").mode == "pareprop"
+
+
 def test_errors():
     with pytest.raises(ValueError, match="depth must be a positive int"):
         revjax.RevStack(F, G, depth=0, rngs=nnx.Rngs(0))

@@ -299,6 +299,7 @@ def test_stage_with_concat_fusion_feeds_a_2c_transition():
     stage = stages.Stage(make_f, make_f, depth=2, rngs=rngs, make_transition=lambda w, r: (
         layers.dense(w, 8, r)), in_dim=4, fusion="concat")
     assert stage.transition.kernel.shape == (8, 8) and stage.fusion.out_dim == 8
+    assert stage.blocks.mode == revjax.DEFAULT_MODE == "reprop"
     x1, x2 = jnp.ones((2, 5, 4)), 2 * jnp.ones((2, 5, 4))
     y1, y2 = stage((x1, x2), mode="reprop")
     start = stage.transition(jnp.concatenate([x1, x2], -1))
@@ -332,7 +333,7 @@ def test_standard_twin_has_one_stream_and_backprop_only():
 
 def test_layout():
     model = abstract_model()
-    assert model.mode == "pareprop" and model.norm.scale.shape == (64,)
+    assert model.mode == "reprop" and model.norm.scale.shape == (64,)
     assert isinstance(model.stages[0].blocks, revjax.RevStack) and model.stages[0].fusion is None
     paths = {".".join(map(str, p)) for p, _ in nnx.state(model, nnx.Param).flat_state()}
     assert {"stages.0.blocks.f.attn.qkv.kernel",

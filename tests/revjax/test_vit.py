@@ -119,6 +119,13 @@ def test_parameter_counts(variant):
         assert abs((std + 2 * std_config.dim) / 1e6 - PUBLISHED[variant]) < 0.051
 
 
+def test_default_mode_is_reprop_and_pareprop_a_choice():
+    model = revjax.models.build("rev-vit-test", rngs=nnx.Rngs(0))
+    assert model.mode == model.blocks.mode == revjax.DEFAULT_MODE == "reprop"
+    model = revjax.models.build("rev-vit-test", rngs=nnx.Rngs(0), mode="pareprop")
+    assert model.mode == model.blocks.mode == "pareprop"
+
+
 def test_standard_twin_has_one_stream_and_backprop_only():
     model = revjax.models.build("vit-test", rngs=nnx.Rngs(0))
     assert model.mode == "backprop" and model.norm.scale.value.shape == (32,)

@@ -38,8 +38,8 @@ def test_registry_and_layout():
     assert set(vit_names) == want and models.names() == sorted(models.names())
     assert revtorch.models is models and revtorch.ResidualStack is not None
     rev, std = vit(), vit("vit-test")
-    assert rev.mode == "pareprop" and std.mode == "backprop"
-    assert isinstance(rev.blocks, revtorch.RevStack) and rev.blocks.mode == "pareprop"
+    assert rev.mode == "reprop" and std.mode == "backprop"
+    assert isinstance(rev.blocks, revtorch.RevStack) and rev.blocks.mode == "reprop"
     assert isinstance(std.blocks, revtorch.ResidualStack)
     assert rev.config.reversible and not std.config.reversible
     assert isinstance(rev.patch_embed.proj, nn.Conv2d) and rev.pos_embed.shape == (1, 16, 32)
@@ -49,7 +49,7 @@ def test_registry_and_layout():
     assert isinstance(f, layers.AttentionHalf) and isinstance(g, layers.MlpHalf)
     assert f.attn.qkv.weight.shape == (96, 32) and g.mlp.fc1.weight.shape == (128, 32)
     assert all(p.dtype == torch.float64 for p in rev.parameters())
-    assert models.build("rev-vit-test", mode="reprop").blocks.mode == "reprop"
+    assert models.build("rev-vit-test", mode="pareprop").blocks.mode == "pareprop"
     names = {n for n, _ in rev.named_parameters()}
     assert {"pos_embed", "patch_embed.proj.weight", "blocks.f.1.attn.qkv.bias",
             "blocks.g.0.mlp.fc2.weight", "blocks.g.0.norm.weight", "norm.bias",

@@ -368,7 +368,7 @@ def test_transition_block(dim_in, dim_out):
 def test_stage_structure_and_geometry():
     model = build()
     c = model.config
-    assert c.depths == (2, 3, 2) and c.fusion == "concat" and model.mode == "pareprop"
+    assert c.depths == (2, 3, 2) and c.fusion == "concat" and model.mode == "reprop"
     geo = [(g.resolution, g.dim, g.heads, g.kv_stride, g.in_resolution, g.in_dim)
            for g in model.geometry]
     assert geo == [(8, 16, 1, 4, 8, 16), (4, 32, 2, 2, 8, 16), (2, 64, 4, 1, 4, 32)]

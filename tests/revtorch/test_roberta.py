@@ -112,7 +112,7 @@ def test_layout_positions_and_tied_decoder():
     assert roberta.position_ids(mask).tolist() == [[2, 3, 4, 1, 1], [1, 1, 2, 3, 4],
                                                    [2, 3, 4, 5, 6]]
     rev, std = build(), build("roberta-test")
-    assert rev.mode == "pareprop" and std.mode == "backprop"
+    assert rev.mode == "reprop" and std.mode == "backprop"
     assert isinstance(rev.blocks, revtorch.RevStack) and isinstance(std.blocks,
                                                                     revtorch.ResidualStack)
     assert isinstance(rev.blocks.f[0], layers.AttentionHalf)

@@ -16,8 +16,10 @@ from .common import F, G, grads, loss_fn, make, rel_err
 def test_public_api():
     assert revtorch.MODES == ("backprop", "reprop", "pareprop")
     assert revtorch.__version__ == "0.1.0"
+    assert revtorch.DEFAULT_MODE == "reprop"  # pareprop holds more memory on the GPU compile
     stack = revtorch.RevStack(F, G, depth=3)
-    assert stack.mode == "pareprop" and stack.depth == 3
+    assert stack.mode == revtorch.DEFAULT_MODE and stack.depth == 3
+    assert revtorch.RevStack(F, G, depth=1, mode="pareprop").mode == "pareprop"
     assert isinstance(stack.f, nn.ModuleList) and isinstance(stack.g, nn.ModuleList)
     assert len(stack.f) == len(stack.g) == 3 and stack.f[0] is not stack.f[1]
     assert all(isinstance(m, F) for m in stack.f) and all(isinstance(m, G) for m in stack.g)

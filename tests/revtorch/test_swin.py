@@ -306,6 +306,7 @@ def test_stage_with_concat_fusion_feeds_a_2c_transition():
     stage = stages.Stage(make, make, depth=2, make_transition=lambda w: layers.dense(w, 8),
                          in_dim=4, fusion="concat").double()
     assert stage.transition.weight.shape == (8, 8) and stage.fusion.out_dim == 8
+    assert stage.blocks.mode == revtorch.DEFAULT_MODE == "reprop"
     x1 = torch.ones(2, 5, 4, dtype=torch.float64, requires_grad=True)
     x2 = 2 * torch.ones(2, 5, 4, dtype=torch.float64)
     y1, y2 = stage((x1, x2), mode="reprop")
@@ -344,7 +345,7 @@ def test_standard_twin_has_one_stream_and_backprop_only():
 
 def test_layout():
     model = build()
-    assert model.mode == "pareprop" and model.norm.normalized_shape == (64,)
+    assert model.mode == "reprop" and model.norm.normalized_shape == (64,)
     assert isinstance(model.stages[0].blocks, revtorch.RevStack)
     assert model.stages[0].fusion is None and model.stages[0].transition is None
     keys = set(model.state_dict())
