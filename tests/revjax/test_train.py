@@ -225,15 +225,15 @@ for kind in ("dp", "fsdp"):
                                         "loss": abs(float(m["loss"] - ref_m["loss"])) / float(ref_m["loss"]),
                                         "eval_count": float(ev["count"])}
 # the CLI: FSDP over 8 devices ends where one device does (float64, 3 AdamW steps)
-import sys, tempfile
-sys.path.insert(0, ".")
-from experiments import train as cli
+import tempfile
+from experiments.train import cli, jax_cli
 with tempfile.TemporaryDirectory() as tmp:
     argv = ["--model", "rev-vit-test", "--data", "digits", "--img-size", "8", "--patch-size",
             "4", "--batch-size", "16", "--steps", "3", "--dtype", "float64", "--no-progress"]
     one = cli.train(argv + ["--out", tmp + "/one"])
     many = cli.train(argv + ["--out", tmp + "/fsdp", "--parallel", "fsdp", "--devices", "8"])
-    out["cli_fsdp"] = {"params": rel(cli.final_params(tmp + "/fsdp"), cli.final_params(tmp + "/one")),
+    out["cli_fsdp"] = {"params": rel(jax_cli.final_params(tmp + "/fsdp"),
+                                     jax_cli.final_params(tmp + "/one")),
                        "eval_loss": abs(one["eval_loss"] - many["eval_loss"]) / one["eval_loss"]}
 try:
     T.data_parallel(state, T.make_mesh(8, axis_type=AxisType.Manual))
