@@ -19,14 +19,17 @@ In a process that sees the plugin::
         .lower().compile()
     revjax.gpu.stream_overlap(compiled.as_text())
 
-``stream_overlap`` reads the scheduled HLO: in the loop body that holds pareprop's two
-stream-annotated halves it reports, per stream, the share of that stream's asynchronous work
-that is in flight while work on the other stream is too (1.0: full interleave, 0.0: the
-halves run one after the other).
+``stream_overlap`` reads the scheduled HLO: it finds the loop body that holds pareprop's
+async regions and simulates it on a model GPU (``simulate``: the main stream in order, each
+region on its stream, a done waiting for its region, every kernel timed by its estimated
+FLOPs and bytes) and reports the simulated makespan over the serial sum (``ratio``; 1.0: the
+regions run one after the other, 0.5: two equal halves fully side by side). Kernel traces
+from a real GPU are read with the same measure (``overlap_ratio``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import re
@@ -128,11 +131,22 @@ def abstract(tree, topo):
 # ----------------------------------------------------------------- the scheduled HLO
 
 _HEADER = re.compile(r"^(?:ENTRY )?%([\w.\-]+) \(")
-_INSTR = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = .*? ([\w\-]+)\(([^)]*)\)")
+_INSTR = re.compile(r"^\s+(ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\(([^)]*)\)(.*)$")
 _STREAM = re.compile(r'_xla_stream_annotation="(\d+)"')
-_CALLS = re.compile(r"calls=%([\w.\-]+)")
-_TO_APPLY = re.compile(r"to_apply=%([\w.\-]+)")
-_NOT_WORK = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
+_QUEUE = re.compile(r'"operation_queue_id":"(\d+)"')
+_CALLED = re.compile(r"(?:calls|to_apply)=%([\w.\-]+)")
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\dm\d\w*)?)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+          "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+          "c128": 16}
+# Instructions that launch no kernel: plumbing, and the async pairs' own start/done.
+_NOT_WORK = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant",
+             "opt-barrier", "after-all", "add-dependency", "partition-id", "replica-id",
+             "call-start", "call-done", "async-start", "async-update", "async-done",
+             "copy-start", "copy-done"}
+_STARTS, _DONES = {"call-start", "async-start"}, {"call-done", "async-done"}
+_SLICES = {"dynamic-slice", "slice", "gather"}
+_NO_KERNEL_TARGETS = ("annotate_device_placement",)
 
 
 def computations(hlo: str) -> dict[str, list[str]]:
@@ -150,88 +164,247 @@ def computations(hlo: str) -> dict[str, list[str]]:
     return out
 
 
-def _work(comps, name: str) -> int:
-    """Kernels an async computation launches: its instructions that are not plumbing, with
-    plain ``call``s counted through to the computations they call."""
-    n = 0
-    for line in comps.get(name, ()):
-        op = _INSTR.match(line).group(2)
-        if op == "call" and _TO_APPLY.search(line):
-            n += _work(comps, _TO_APPLY.search(line).group(1))
-        elif op not in _NOT_WORK:
+def _parse(line: str):
+    """``(root?, name, result shape, opcode, operand names, attributes)`` of one line."""
+    root, name, shape, op, operands, attrs = _INSTR.match(line).groups()
+    return bool(root), name, shape, op, re.findall(r"%([\w.\-]+)", operands), attrs
+
+
+def _arrays(shape: str) -> list[tuple[str, list[int]]]:
+    """The arrays of an HLO shape (a tuple's elements in order): ``[(dtype, dims)]``."""
+    return [(t, [int(d) for d in dims.split(",") if d]) for t, dims in _ARRAY.findall(shape)
+            if t in _BYTES]
+
+
+def _size(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def _nbytes(shape: str) -> int:
+    return sum(_BYTES[t] * _size(dims) for t, dims in _arrays(shape))
+
+
+class _Module:
+    """The computations of a scheduled module with each one's value shapes, for estimates."""
+
+    def __init__(self, comps: dict[str, list[str]]):
+        self.comps = comps
+        self._shapes: dict[str, dict[str, str]] = {}
+
+    def shapes(self, comp: str) -> dict[str, str]:
+        if comp not in self._shapes:
+            self._shapes[comp] = {_parse(line)[1]: _parse(line)[2]
+                                  for line in self.comps.get(comp, ())}
+        return self._shapes[comp]
+
+    def flops(self, comp: str, line: str) -> float:
+        """Multiply-adds x 2 of a dot, GEMM custom call or convolution (fusions: of the dots
+        and convolutions inside); 0 for anything else."""
+        _, _, shape, op, operands, attrs = _parse(line)
+        called = _CALLED.search(attrs)
+        if op == "fusion" and called:
+            return sum(self.flops(called.group(1), inner)
+                       for inner in self.comps.get(called.group(1), ()))
+        arrays, shapes = _arrays(shape), self.shapes(comp)
+        if not arrays or not operands:
+            return 0.0
+        out = _size(arrays[0][1])
+        contracting = (re.search(r"lhs_contracting_dims=\{([\d,]*)\}", attrs)
+                       or re.search(r'"lhs_contracting_dimensions":\[([\d",]*)\]', attrs))
+        if (op == "dot" or "__cublas" in attrs) and contracting:
+            lhs = _arrays(shapes.get(operands[0], ""))
+            dims = [int(d) for d in contracting.group(1).replace('"', "").split(",") if d]
+            if lhs and all(d < len(lhs[0][1]) for d in dims):
+                return 2.0 * out * _size(lhs[0][1][d] for d in dims)
+        labels = re.search(r"dim_labels=\w+_(\w+)->\w+", attrs)
+        if (op == "convolution" or "__cudnn$conv" in attrs) and labels and len(operands) > 1:
+            kernel = _arrays(shapes.get(operands[1], ""))
+            o = labels.group(1).find("o")
+            if kernel and 0 <= o < len(kernel[0][1]) and kernel[0][1][o]:
+                return 2.0 * out * _size(kernel[0][1]) / kernel[0][1][o]
+        return 0.0
+
+    def nbytes(self, comp: str, line: str) -> float:
+        """Bytes a kernel moves, estimated: what it reads and writes, where a slice reads only
+        what it keeps and an in-place update writes only the update (a fusion: per parameter
+        and per result, by what the fused computation does with it)."""
+        _, _, shape, op, operands, attrs = _parse(line)
+        shapes, called = self.shapes(comp), _CALLED.search(attrs)
+        if not (op == "fusion" and called):
+            if op in _SLICES:
+                return 2.0 * _nbytes(shape)
+            if op == "dynamic-update-slice" and len(operands) > 1:
+                return 2.0 * _nbytes(shapes.get(operands[1], ""))
+            return float(_nbytes(shape) + sum(_nbytes(shapes.get(o, "")) for o in operands))
+        inner, fused = [_parse(x) for x in self.comps.get(called.group(1), ())], {}
+        users: dict[str, list] = {}
+        for p in inner:
+            fused[p[1]] = p
+            for pos, o in enumerate(p[4]):
+                users.setdefault(o, []).append((p[3], pos, p[2]))
+        total = 0.0
+        for p in inner:
+            if p[3] != "parameter":
+                continue
+            uses = users.get(p[1], [])
+            if uses and all(op in _SLICES and pos == 0 for op, pos, _ in uses):
+                total += sum(_nbytes(s) for *_, s in uses)
+            elif not (uses and all(op == "dynamic-update-slice" and pos == 0
+                                   for op, pos, _ in uses)):
+                total += _nbytes(p[2])
+        root = next((p for p in inner if p[0]), None)
+        outs = [fused.get(o) for o in root[4]] if root and root[3] == "tuple" else [root]
+        for out in outs:
+            if out and out[3] == "dynamic-update-slice" and len(out[4]) > 1:
+                total += _nbytes(fused[out[4][1]][2]) if out[4][1] in fused else 0
+            elif out:
+                total += _nbytes(out[2])
+        return total
+
+    def kernels(self, comp: str, line: str):
+        """The kernels ``line`` of ``comp`` launches, as ``(flops, bytes)`` each: none for
+        plumbing, a plain ``call``'s through the computation it calls, one otherwise."""
+        _, _, _, op, _, attrs = _parse(line)
+        called = _CALLED.search(attrs)
+        if op in _NOT_WORK or (op == "custom-call"
+                               and any(t in attrs for t in _NO_KERNEL_TARGETS)):
+            return
+        if op == "call" and called:
+            for inner in self.comps.get(called.group(1), ()):
+                yield from self.kernels(called.group(1), inner)
+            return
+        yield self.flops(comp, line), self.nbytes(comp, line)
+
+
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """A kernel's estimated time: ``launch_s + max(flops / flops_per_s, bytes /
+    bytes_per_s)`` (a roofline with a fixed cost per launch). The defaults are an H200's
+    order of magnitude (dense TF32/BF16 GEMMs at a realistic rate, HBM3e bandwidth); with
+    ``launch_s`` alone (both rates infinite) every kernel counts the same."""
+
+    flops_per_s: float = 4e14
+    bytes_per_s: float = 4e12
+    launch_s: float = 2e-6
+
+    def time(self, flops: float, nbytes: float) -> float:
+        return self.launch_s + max(flops / self.flops_per_s, nbytes / self.bytes_per_s)
+
+
+H200 = CostModel()
+
+
+def overlap_ratio(spans: dict) -> float | None:
+    """Makespan over serial sum: the time at least one stream is busy, over the sum of each
+    stream's busy time (``spans``: {stream: [(start, end), ...]}). 1.0: the streams' work
+    never overlaps; 0.5: two equal streams fully side by side. None without work. The
+    simulated schedule (``simulate``) and measured kernel traces are read with it alike."""
+    def busy(intervals):
+        total, end = 0.0, float("-inf")
+        for s, e in sorted(iv for iv in intervals if iv[1] > iv[0]):
+            total += max(0.0, e - max(s, end))
+            end = max(end, e)
+        return total
+
+    serial = sum(busy(v) for v in spans.values())
+    return busy([iv for v in spans.values() for iv in v]) / serial if serial > 0 else None
+
+
+def _stream_of(module: _Module, start_line: str, called: str | None, name: str) -> str:
+    """A region's stream: its stream annotation, else a nonzero ``operation_queue_id`` (its
+    own or its wrapped instruction's, as ``q<id>``), else a stream of its own."""
+    m = _STREAM.search(start_line)
+    if m:
+        return m.group(1)
+    for line in [start_line, *module.comps.get(called or "", ())]:
+        q = _QUEUE.search(line)
+        if q and q.group(1) != "0":
+            return "q" + q.group(1)
+    return name
+
+
+def simulate(comps: dict[str, list[str]], body: str, model: CostModel = H200) -> dict:
+    """Run computation ``body`` of a scheduled module (``computations``) on a model GPU:
+    the main stream runs its kernels in schedule order; an async start launches its region
+    (the called computation's kernels, back to back) on the region's stream once the main
+    stream reaches it and that stream is free; a done holds the main stream until its region
+    ends. Each kernel takes ``model``'s time for its estimated FLOPs (dots, GEMMs,
+    convolutions) and bytes.
+
+    Returns ``{"spans": {stream: [(start, end)]}, "kernels": {stream: n}, "pairs": {stream:
+    n}, "timeline", "makespan", "serial", "ratio"}`` (stream ``"main"`` and the regions'
+    streams; ``ratio``: ``overlap_ratio`` of the spans, makespan over serial sum).
+    """
+    module, t, free, open_ = _Module(comps), 0.0, {}, {}
+    spans, kernels, pairs, events, run = {"main": []}, {"main": 0}, {}, [], 0
+    for line in comps[body]:
+        _, name, _, op, operands, attrs = _parse(line)
+        called = _CALLED.search(attrs)
+        if op in _STARTS and called:
+            work = [k for inner in module.comps.get(called.group(1), ())
+                    for k in module.kernels(called.group(1), inner)]
+            stream = _stream_of(module, line, called.group(1), name)
+            begin = max(t, free.get(stream, 0.0))
+            end = free[stream] = begin + sum(model.time(*k) for k in work)
+            spans.setdefault(stream, []).append((begin, end))
+            kernels[stream] = kernels.get(stream, 0) + len(work)
+            pairs[stream] = pairs.get(stream, 0) + 1
+            open_[name] = (stream, end)
+            events += [f"[{run} main]"] * bool(run) + [f"S{stream}({len(work)})"]
+            run = 0
+        elif op in _DONES and operands and operands[0] in open_:
+            stream, end = open_.pop(operands[0])
+            t = max(t, end)
+            events += [f"[{run} main]"] * bool(run) + [f"D{stream}"]
+            run = 0
+        else:
+            for k in module.kernels(body, line):
+                spans["main"].append((t, t + model.time(*k)))
+                t = spans["main"][-1][1]
+                kernels["main"] += 1
+                run += 1
+    events += [f"[{run} main]"] * bool(run)
+    makespan = max([t, *(e for v in spans.values() for _, e in v)])
+    serial = sum(e - s for v in spans.values() for s, e in v)
+    return {"spans": spans, "kernels": kernels, "pairs": pairs, "timeline": " ".join(events),
+            "makespan": makespan, "serial": serial, "ratio": overlap_ratio(spans)}
+
+
+def _regions(comps, name: str) -> int:
+    """Async starts in computation ``name`` whose region launches at least one kernel."""
+    module, n = _Module(comps), 0
+    for line in comps[name]:
+        _, _, _, op, _, attrs = _parse(line)
+        called = _CALLED.search(attrs)
+        if op in _STARTS and called and any(
+                True for inner in comps.get(called.group(1), ())
+                for _ in module.kernels(called.group(1), inner)):
             n += 1
     return n
 
 
-def async_intervals(comps, body: str) -> list[tuple[str, int, int, int]]:
-    """Stream-annotated async pairs in computation ``body``:
-    ``(stream, start position, done position, kernels)`` in schedule order."""
-    lines = comps[body]
-    starts, out = {}, []
-    for pos, line in enumerate(lines):
-        name, op, operands = _INSTR.match(line).groups()
-        stream = _STREAM.search(line)
-        if op == "call-start" and stream:
-            called = _CALLS.search(line) or _TO_APPLY.search(line)
-            starts[name] = (stream.group(1), pos, _work(comps, called.group(1)) if called else 1)
-        elif op == "call-done":
-            start = operands.strip().lstrip("%")
-            if start in starts:
-                s, p, w = starts.pop(start)
-                out.append((s, p, pos, w))
-    return out
+def stream_overlap(hlo: str, model: CostModel = H200) -> dict:
+    """The simulated overlap of pareprop's async regions in the scheduled HLO text of a
+    compiled program.
 
-
-def overlap_shares(intervals) -> dict[str, float]:
-    """Per stream: the kernel-weighted share of its async pairs whose [start, done] span
-    overlaps the span of a pair on another stream that launches kernels too (pairs that
-    only move or alias buffers overlap nothing worth having)."""
-    shares = {}
-    for s in sorted({iv[0] for iv in intervals}):
-        mine = [iv for iv in intervals if iv[0] == s]
-        other = [iv for iv in intervals if iv[0] != s and iv[3] > 0]
-        hit = sum(w for _, a, b, w in mine
-                  if any(a < d and c < b for _, c, d, _ in other))
-        total = sum(w for *_, w in mine)
-        shares[s] = hit / total if total else 0.0
-    return shares
-
-
-def timeline(lines: list[str], intervals) -> str:
-    """A computation's schedule (its instruction ``lines`` and ``async_intervals``) in short:
-    ``S<stream>(<kernels>)`` for a start, ``D<stream>`` for a done, ``[n main]`` for n
-    kernels on the main stream in between."""
-    events = sorted([(a, f"S{s}({w})") for s, a, _, w in intervals]
-                    + [(b, f"D{s}") for s, _, b, _ in intervals])
-    out, last = [], -1
-    for pos, event in events:
-        n = sum(1 for line in lines[last + 1:pos] if _INSTR.match(line).group(2) not in _NOT_WORK)
-        out += [f"[{n} main]"] * bool(n) + [event]
-        last = pos
-    return " ".join(out)
-
-
-def stream_overlap(hlo: str) -> dict:
-    """Overlap of pareprop's two streams in the scheduled HLO text of a compiled program.
-
-    Looks at every computation holding stream-annotated async pairs on two or more streams
-    (pareprop's layer loop body; the unrolled steps when XLA unrolls it) and reports the one
-    with the most pairs: ``{"computation", "timeline", "pairs": {stream: count},
-    "kernels": {stream: n}, "share": {stream: overlap share}}``; ``share`` is empty when no
-    computation holds two streams (nothing is placed on streams, or the halves ended up in
-    different places).
+    Picks the computation with the most async regions that launch kernels (pareprop's layer
+    loop body; the unrolled steps when XLA unrolls it) and ``simulate``s it:
+    ``{"computation", "timeline", "pairs": {stream: n}, "kernels": {stream: n}, "busy":
+    {stream: seconds}, "makespan", "serial", "ratio"}``. ``ratio`` is the simulated makespan
+    over the serial sum of the body (1.0: nothing overlaps; the main stream's kernels count
+    in both); None, with ``computation`` None, when no computation holds such a region.
     """
     comps = computations(hlo)
-    best = None
-    for name in comps:
-        ivs = async_intervals(comps, name)
-        if len({iv[0] for iv in ivs}) >= 2 and (best is None or len(ivs) > len(best[1])):
-            best = (name, ivs)
-    if best is None:
-        return {"computation": None, "timeline": "", "pairs": {}, "kernels": {}, "share": {}}
-    name, ivs = best
-    streams = sorted({iv[0] for iv in ivs})
-    return {"computation": name, "timeline": timeline(comps[name], ivs),
-            "pairs": {s: sum(1 for iv in ivs if iv[0] == s) for s in streams},
-            "kernels": {s: sum(iv[3] for iv in ivs if iv[0] == s) for s in streams},
-            "share": overlap_shares(ivs)}
+    counts = {name: _regions(comps, name) for name in comps}
+    best = max(counts, key=lambda n: counts[n], default=None)
+    if best is None or counts[best] == 0:
+        return {"computation": None, "timeline": "", "pairs": {}, "kernels": {}, "busy": {},
+                "makespan": None, "serial": None, "ratio": None}
+    sim = simulate(comps, best, model)
+    return {"computation": best, "timeline": sim["timeline"], "pairs": sim["pairs"],
+            "kernels": sim["kernels"],
+            "busy": {s: sum(e - b for b, e in v) for s, v in sim["spans"].items()},
+            "makespan": sim["makespan"], "serial": sim["serial"], "ratio": sim["ratio"]}

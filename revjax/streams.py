@@ -11,6 +11,8 @@ library compiles pareprop programs with, per platform.
 
 from __future__ import annotations
 
+import itertools
+import json
 import warnings
 
 import jax
@@ -91,9 +93,59 @@ def flatten_calls(fn, *args):
     return flat_fn, unflattenable(closed.jaxpr)
 
 
-def _on_stream(fn, stream: int):
-    """``fn`` flattened (``flatten_calls``) and annotated to run on CUDA stream ``stream``
-    (jax 0.10: ``compute_on2``, jax 0.11+: ``compute_on`` as a function wrapper).
+def _region_primitive():
+    """The library's own stream region: a primitive that lowers to one ``func.call`` of the
+    region's computation, carrying the frontend attributes it is bound with, whose results
+    go straight to their users (``compute_on`` passes every output through a placement
+    custom call, which XLA:GPU 0.11 turns into one small async pair per output, consumed at
+    once). Built on first use: it reaches into jax's lowering internals, and only the GPU
+    path needs it. Not differentiable (pareprop's backward runs it, nothing differentiates
+    that)."""
+    global _REGION_P
+    if _REGION_P is None:
+        from jax._src.interpreters import mlir
+        from jax._src.lib.mlir import ir
+
+        p = jex_core.Primitive("revjax_stream_region")
+        p.multiple_results = True
+        p.def_impl(lambda *args, jaxpr, attributes: jex_core.jaxpr_as_fun(jaxpr)(*args))
+        p.def_abstract_eval(lambda *avals, jaxpr, attributes: jaxpr.out_avals)
+
+        def lowering(ctx, *args, jaxpr, attributes):
+            outs, _ = mlir.call_lowering(
+                "stream_region", jaxpr, None, ctx.module_context, ctx.avals_in,
+                ctx.avals_out, ctx.tokens_in.subset([]), *args,
+                dim_var_values=ctx.dim_var_values, const_lowering=ctx.const_lowering,
+                attributes={k: ir.StringAttr.get(v) for k, v in attributes})
+            return outs
+
+        mlir.register_lowering(p, lowering)
+        _REGION_P = p
+    return _REGION_P
+
+
+_REGION_P = None
+
+
+def _region_attributes(stream: int, group: int) -> dict:
+    """Frontend attributes of a region's call under ``GPU_REGION`` (see there)."""
+    attrs = {"inlineable": "false"}
+    if "queue" in GPU_REGION:
+        attrs["backend_config"] = json.dumps({"operation_queue_id": str(stream)})
+    else:
+        attrs["_xla_stream_annotation"] = str(stream)
+    if "group" in GPU_REGION:
+        attrs["_scheduling_group_id"] = str(group)
+    if "force_delay" in GPU_REGION:
+        attrs["scheduler_hint"] = "force_delay"
+    return attrs
+
+
+def _on_stream(fn, stream: int, group: int = 0):
+    """``fn`` flattened (``flatten_calls``) and annotated to run on CUDA stream ``stream``:
+    with jax's ``compute_on`` (jax 0.10: ``compute_on2``, jax 0.11+: ``compute_on`` as a
+    function wrapper), or with ``"call"`` in ``GPU_REGION`` as the library's own region
+    (``_region_primitive``), ``group`` naming the pair it belongs to.
 
     A half that still holds a loop or conditional after flattening is not annotated (XLA
     cannot give the nested computation a stream): it runs on the main stream, with a warning
@@ -104,7 +156,11 @@ def _on_stream(fn, stream: int):
     wrap = getattr(co, "compute_on2", None) or co.compute_on
 
     def run(*args):
-        flat_fn, nested = flatten_calls(fn, *args)
+        closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
+        nested = unflattenable(closed.jaxpr)
+        tree = jax.tree.structure(shapes)
+        flat_fn = lambda *a: jax.tree.unflatten(tree, _eval_flat(
+            closed.jaxpr, closed.consts, jax.tree.leaves(a)))
         if nested:
             warnings.warn(
                 f"pareprop: a piece of the backward step contains {sorted(set(nested))}, which "
@@ -112,17 +168,42 @@ def _on_stream(fn, stream: int):
                 "(same values and gradients, no stream overlap). F and G without loops or "
                 "conditionals get the streams.", RuntimeWarning, stacklevel=2)
             return flat_fn(*args)
-        return wrap(flat_fn, compute_type=f"gpu_stream:{stream}",
-                    out_memory_spaces=jax.memory.Space.Device)(*args)
+        if "call" not in GPU_REGION:
+            extra = ({"compiler_options": {"operation_queue_id": str(stream)}}
+                     if "queue" in GPU_REGION else {})
+            return wrap(flat_fn, compute_type=f"gpu_stream:{stream}",
+                        out_memory_spaces=jax.memory.Space.Device, **extra)(*args)
+        # Every input explicit (closed-over tracers of the step included), so the region's
+        # computation closes over nothing.
+        consts, leaves = list(closed.consts), jax.tree.leaves(args)
+        region = jax.make_jaxpr(lambda c, a: _eval_flat(closed.jaxpr, c, a))(consts, leaves)
+        attrs = tuple(sorted(_region_attributes(stream, group).items()))
+        outs = _region_primitive().bind(*consts, *leaves, jaxpr=region, attributes=attrs)
+        return jax.tree.unflatten(tree, outs)
 
     return run
+
+
+# How ``side_by_side`` emits its two regions on GPU (with ``GPU_STREAMS``): a set of
+#   "call"         the library's own region (``_region_primitive``) instead of ``compute_on``:
+#                  no placement wrapper per output; the outputs of both regions are used only
+#                  after both (one optimization barrier over them);
+#   "group"        both regions of a pair carry one ``_scheduling_group_id`` (own region);
+#   "force_delay"  and ``scheduler_hint="force_delay"`` (own region);
+#   "queue"        the stream as ``operation_queue_id`` in the call's backend config: instead of
+#                  the stream annotation (own region), or beside it (``compute_on``'s
+#                  ``compiler_options``).
+# docs/pareprop-gpu.md has what each does to the scheduled loop body.
+GPU_REGION: frozenset = frozenset()
+_GROUPS = itertools.count()
 
 
 GRADS_STREAM, REBUILD_STREAM = 1, 2
 
 # Whether pareprop puts its two pieces of work on CUDA streams ``GRADS_STREAM`` /
 # ``REBUILD_STREAM`` on GPU (read when the step is traced; set
-# ``revjax.streams.GPU_STREAMS = True`` before ``jax.jit``). Off by default: compiled for an H200 on jax 0.10.2 and 0.11.2, XLA schedules
+# ``revjax.streams.GPU_STREAMS = True`` before ``jax.jit``). Off by default: compiled for an
+# H200 on jax 0.10.2 and 0.11.2, XLA schedules
 # the two stream regions one after the other in the loop body (no overlap; no flag or step
 # shape tried changed that) while keeping both regions' buffers live, which raises the
 # step's memory (docs/pareprop-gpu.md has the measurements). Off, the GPU program is the
@@ -163,7 +244,9 @@ def side_by_side(grads_fn, grads_args, rebuild_fn, rebuild_args):
         return elsewhere()
 
     def on_gpu():
-        return (_on_stream(grads_fn, GRADS_STREAM)(*grads_args),
-                _on_stream(rebuild_fn, REBUILD_STREAM)(*rebuild_args))
+        group = next(_GROUPS)
+        out = (_on_stream(grads_fn, GRADS_STREAM, group)(*grads_args),
+               _on_stream(rebuild_fn, REBUILD_STREAM, group)(*rebuild_args))
+        return lax.optimization_barrier(out) if "call" in GPU_REGION else out
 
     return lax.platform_dependent(cuda=on_gpu, default=elsewhere)

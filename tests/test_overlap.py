@@ -40,8 +40,9 @@ def test_stream_overlap_picks_the_two_busiest_streams_and_the_shorter_one():
     assert got["overlap"] == 4 and got["share"] == pytest.approx(4 / 6)
     assert got["overlap_per_layer_step"] == 2
     assert got["pairs"] == {"13|14": 4, "13|7": 1, "14|7": 0}
+    assert got["ratio"] == pytest.approx(12 / 17)  # busy [0, 10] and [20, 22] of 1 + 10 + 6
     one = ov.stream_overlap({"13": [(0, 10)]}, layer_steps=2)
-    assert one["overlap"] is None and one["share"] is None
+    assert one["overlap"] is None and one["share"] is None and one["ratio"] == 1.0
 
 
 def test_per_step_clips_kernels_to_each_step():
@@ -49,6 +50,7 @@ def test_per_step_clips_kernels_to_each_step():
     steps = ov.per_step(streams, [(0, 8), (9, 15)], layer_steps=1)
     assert [s["overlap"] for s in steps] == [2, 1]
     assert [s["share"] for s in steps] == [pytest.approx(0.5), pytest.approx(1.0)]
+    assert [s["ratio"] for s in steps] == [pytest.approx(6 / 8), pytest.approx(4 / 5)]
 
 
 def _line(i, name, spans):
@@ -102,6 +104,7 @@ def test_cpu_smoke_run_reports_no_streams(tmp_path):
     assert set(payload["results"]) == {"jax", "torch"}
     for name, result in payload["results"].items():
         assert result["overlap"] is None and result["share"] is None, name
+        assert result["ratio"] is None, name
         assert result["reason"].startswith("no GPU streams found"), name
         assert result["streams"] == [] and result["steps"] == []
     assert payload["results"]["jax"]["events_per_plane"]["/host:CPU"] > 0  # the trace was read

@@ -4,8 +4,10 @@ Traces warm pareprop gradient steps (jax: ``jax.profiler.trace``, read back with
 ``jax.profiler.ProfileData``; torch: ``torch.profiler`` on the backward, read from its
 exported trace), collects each CUDA stream's kernel intervals and reports, per traced step,
 the time the two busiest streams' kernels overlap as a share of the shorter one's busy time,
-with the per-layer-step average (the step's overlap over the depth - 1 layer steps where the
-grads of layer i can overlap the rebuild of layer i-1). Without a GPU (``--smoke``, or no
+the busy time of all streams together over the sum of each one's (``ratio``, the measure
+``revjax.gpu`` simulates on the compiled program), with the per-layer-step average (the
+step's overlap over the depth - 1 layer steps where the grads of layer i can overlap the
+rebuild of layer i-1). Without a GPU (``--smoke``, or no
 device) it runs a tiny config end to end and reports the streams it found, which are none:
 overlap is null, never a made-up number.
 
@@ -65,13 +67,18 @@ def clip(intervals, window: Interval) -> list[Interval]:
 
 
 def stream_overlap(streams: dict, layer_steps: int) -> dict:
-    """Busy time per stream, every pair's overlap, and for the two busiest streams their
-    overlap as a share of the shorter one's busy time (null with fewer than two streams)."""
+    """Busy time per stream, every pair's overlap, ``ratio``: the time any stream is busy
+    over the sum of the streams' busy times (``revjax.gpu.overlap_ratio``, the measure the
+    deviceless compile simulates; 1.0: nothing overlaps), and for the two busiest streams
+    their overlap as a share of the shorter one's busy time (null with fewer than two
+    streams)."""
+    from revjax.gpu import overlap_ratio
+
     times = {str(k): busy(v) for k, v in streams.items()}
     pairs = {f"{a}|{b}": overlap(streams[a], streams[b])
              for a, b in itertools.combinations(sorted(streams, key=str), 2)}
     out = {"busy": times, "pairs": pairs, "pair": None, "overlap": None, "share": None,
-           "overlap_per_layer_step": None}
+           "ratio": overlap_ratio(streams), "overlap_per_layer_step": None}
     ranked = sorted(streams, key=lambda k: -times[str(k)])[:2]
     if len(ranked) == 2 and min(times[str(k)] for k in ranked) > 0:
         a, b = ranked
@@ -238,7 +245,8 @@ def _depth(config) -> int:
 
 def _summarise(result: dict, streams: dict, windows: list, depth: int) -> dict:
     layer_steps = depth - 1
-    result.update(depth=depth, layer_steps=layer_steps, steps=[], overlap=None, share=None)
+    result.update(depth=depth, layer_steps=layer_steps, steps=[], overlap=None, share=None,
+                  ratio=None)
     if len(streams) < 2:
         result["reason"] = (f"no GPU streams found ({result['device_lines']} device lines)"
                             if not streams else "one GPU stream found: nothing can overlap")
@@ -246,6 +254,7 @@ def _summarise(result: dict, streams: dict, windows: list, depth: int) -> dict:
     result["steps"] = per_step(streams, windows, layer_steps) if windows else []
     result["total"] = stream_overlap(streams, layer_steps * max(len(windows), 1))
     result["overlap"], result["share"] = result["total"]["overlap"], result["total"]["share"]
+    result["ratio"] = result["total"]["ratio"]
     return result
 
 
@@ -282,8 +291,10 @@ def main(argv=None) -> dict:
              "steps": len(r["steps"]),
              "overlap": "null" if r["overlap"] is None else f"{r['overlap']:.4g} {r['unit']}",
              "share": "null" if r["share"] is None else f"{r['share']:.2f}",
+             "ratio": "null" if r["ratio"] is None else f"{r['ratio']:.3f}",
              "note": r.get("reason", "")} for k, r in results.items()]
-    print(table(rows, ["framework", "device", "streams", "steps", "overlap", "share", "note"]))
+    print(table(rows, ["framework", "device", "streams", "steps", "overlap", "share", "ratio",
+                       "note"]))
     return payload
 
 
