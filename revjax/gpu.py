@@ -373,6 +373,27 @@ def simulate(comps: dict[str, list[str]], body: str, model: CostModel = H200) ->
             "makespan": makespan, "serial": serial, "ratio": overlap_ratio(spans)}
 
 
+def dataflow_ratio(comps: dict[str, list[str]], body: str, model: CostModel = H200) -> float:
+    """The same body run as a dependency graph (CUDA-graph command buffers in XLA's
+    ``CONCURRENT`` mode launch a kernel once its inputs are written): the critical path of
+    the kernels' data dependencies over their serial sum, each async region one node. A
+    bound, not a schedule: it ignores write-after-read hazards and assumes that concurrent
+    kernels never slow each other down."""
+    module, done, serial = _Module(comps), {}, 0.0
+    for line in comps[body]:
+        _, name, _, op, operands, attrs = _parse(line)
+        called = _CALLED.search(attrs)
+        if op in _STARTS and called:
+            work = [k for inner in module.comps.get(called.group(1), ())
+                    for k in module.kernels(called.group(1), inner)]
+        else:
+            work = list(module.kernels(body, line))
+        cost = sum(model.time(*k) for k in work)
+        serial += cost
+        done[name] = max((done.get(o, 0.0) for o in operands), default=0.0) + cost
+    return max(done.values(), default=0.0) / serial if serial > 0 else 1.0
+
+
 def _regions(comps, name: str) -> int:
     """Async starts in computation ``name`` whose region launches at least one kernel."""
     module, n = _Module(comps), 0

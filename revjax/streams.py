@@ -112,8 +112,10 @@ def _region_primitive():
         p.def_abstract_eval(lambda *avals, jaxpr, attributes: jaxpr.out_avals)
 
         def lowering(ctx, *args, jaxpr, attributes):
+            # jax 0.10 lowers a closed jaxpr, 0.11 an open one (the region has no consts)
+            body = jaxpr if jax.__version_info__ < (0, 11) else jaxpr.jaxpr
             outs, _ = mlir.call_lowering(
-                "stream_region", jaxpr, None, ctx.module_context, ctx.avals_in,
+                "stream_region", body, None, ctx.module_context, ctx.avals_in,
                 ctx.avals_out, ctx.tokens_in.subset([]), *args,
                 dim_var_values=ctx.dim_var_values, const_lowering=ctx.const_lowering,
                 attributes={k: ir.StringAttr.get(v) for k, v in attributes})
@@ -175,10 +177,14 @@ def _on_stream(fn, stream: int, group: int = 0):
                         out_memory_spaces=jax.memory.Space.Device, **extra)(*args)
         # Every input explicit (closed-over tracers of the step included), so the region's
         # computation closes over nothing.
+        from jax._src.interpreters.partial_eval import convert_constvars_jaxpr
+
         consts, leaves = list(closed.consts), jax.tree.leaves(args)
         region = jax.make_jaxpr(lambda c, a: _eval_flat(closed.jaxpr, c, a))(consts, leaves)
+        inputs = [*region.consts, *consts, *leaves]
+        region = jex_core.ClosedJaxpr(convert_constvars_jaxpr(region.jaxpr), ())
         attrs = tuple(sorted(_region_attributes(stream, group).items()))
-        outs = _region_primitive().bind(*consts, *leaves, jaxpr=region, attributes=attrs)
+        outs = _region_primitive().bind(*inputs, jaxpr=region, attributes=attrs)
         return jax.tree.unflatten(tree, outs)
 
     return run
