@@ -33,7 +33,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from .streams import compiler_options
 from .stack import layer_ndim
-from .mlm import mlm_loss
 
 TASKS = ("classification", "mlm")
 
@@ -125,13 +124,14 @@ def _schedule(learning_rate: float, total_steps: int, warmup_steps: int | None,
 def compute_loss(model: nnx.Module, batch: tuple, *, task: str, mode: str | None,
                  rngs: nnx.Rngs | None = None) -> jax.Array:
     """The task's loss on a batch: classification ``(images, labels)`` -> mean cross-entropy;
-    mlm ``(inputs, labels, mask)`` -> ``revjax.mlm.mlm_loss`` (mask: padding, may be None)."""
+    mlm ``(inputs, labels, mask)`` -> ``model.loss`` (``revjax.mlm.head_loss``: the loss
+    without the full logits; mask: padding, may be None)."""
     if task == "classification":
         images, labels = batch
         return cross_entropy_loss(model(images, mode=mode, rngs=rngs), labels)
     if task == "mlm":
         inputs, labels, mask = batch
-        return mlm_loss(model(inputs, mask, mode=mode, rngs=rngs), labels)
+        return model.loss(inputs, labels, mask, mode=mode, rngs=rngs)
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 

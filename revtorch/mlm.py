@@ -9,8 +9,11 @@ that are not predicted.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 
@@ -92,6 +95,44 @@ def mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return losses.sum() / (labels != IGNORE).sum().clamp(min=1)
 
 
+HEAD_CHUNK = 32  # positions per row that the head's logits are computed for at a time
+
+
+def head_loss(head: Callable[[Tensor], Tensor], features: Tensor, labels: Tensor, *,
+              chunk: int = HEAD_CHUNK) -> Tensor:
+    """``mlm_loss(head(features), labels)`` without the (batch, length, vocab) logits (the
+    twin of ``revjax.mlm.head_loss``).
+
+    Only the predicted positions (labels not ``IGNORE``) enter the head, ``chunk`` per row
+    (``chunk * batch`` positions) at a time, each piece under a non-reentrant checkpoint: its
+    logits are recomputed in the backward, never stored. The peak holds one piece's logits.
+
+    Args:
+      head: ``head(x) -> logits`` for x (n, C).
+      features: (batch, length, C); labels: (batch, length), ``IGNORE`` where not predicted.
+      chunk: positions per row per piece (>= 1).
+    """
+    if features.dim() != 3 or tuple(labels.shape) != tuple(features.shape[:2]):
+        raise ValueError(f"features (batch, length, C) {tuple(features.shape)} do not match "
+                         f"labels {tuple(labels.shape)}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    valid = labels != IGNORE
+    x, y = features[valid], labels[valid].long()  # row-major: each row's positions in order
+    piece = chunk * features.shape[0]
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    total = features.new_zeros((), dtype=dtype)
+
+    def piece_sum(x, y):
+        logits = head(x).to(dtype)
+        return nn.functional.cross_entropy(logits, y, reduction="sum")
+
+    for s in range(0, x.shape[0], piece):
+        total = total + checkpoint(piece_sum, x[s:s + piece], y[s:s + piece],
+                                   use_reentrant=False)
+    return total / valid.sum().clamp(min=1)
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -105,7 +146,7 @@ def train_step(
     the loss. ``mask`` is the padding mask (None: derived from the model's ``pad_id``).
     Gradients are cleared first."""
     optimizer.zero_grad(set_to_none=True)
-    loss = mlm_loss(model(ids, mask, mode=mode), labels)
+    loss = model.loss(ids, labels, mask, mode=mode)
     loss.backward()
     optimizer.step()
     return loss.item()

@@ -12,7 +12,7 @@ The standard twin runs the same F and G as pre-norm residual blocks on one strea
 
 Padding: attention never reads a padded key (its probability is exactly 0), and every other
 op is per token, so padded positions change no output and no gradient at a real position,
-in every mode. Their own outputs are meaningless; ``revjax.mlm.mlm_loss`` ignores them.
+in every mode. Their own outputs are meaningless; ``revjax.mlm`` ignores them.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .. import layers
+from .. import layers, mlm
 from ..stack import ResidualStack, RevStack
 from .registry import register_family
 from .config import resolve_mode, stack_options
@@ -158,6 +158,24 @@ class Roberta(nnx.Module):
         ``rngs`` (with a ``dropout`` stream) turns on dropout/drop-path in F and G.
         """
         return self.head(self.features(ids, mask, mode=mode, rngs=rngs), self.tok_embed)
+
+    def loss(self, ids: jax.Array, labels: jax.Array, mask: jax.Array | None = None, *,
+             mode: str | None = None, rngs: nnx.Rngs | None = None,
+             chunk: int = mlm.HEAD_CHUNK) -> jax.Array:
+        """The MLM loss, ``mlm_loss(self(ids, mask), labels)``, without the full logits: the
+        head runs on the predicted positions only, ``chunk`` per row at a time, and its
+        logits are recomputed in the backward (``revjax.mlm.head_loss``). The training
+        steps use it; ``__call__`` still gives every position's logits."""
+        if labels.shape != jnp.shape(ids):
+            raise ValueError(f"labels {labels.shape} do not match ids {jnp.shape(ids)}")
+        h = self.features(ids, mask, mode=mode, rngs=rngs)
+        graphdef, state = nnx.split((self.head, self.tok_embed))
+
+        def head(state, x):
+            head, embed = nnx.merge(graphdef, state)
+            return head(x, embed)
+
+        return mlm.head_loss(head, state, h, labels, chunk=chunk)
 
 
 register_family("roberta", RobertaConfig, Roberta, VARIANTS)

@@ -13,7 +13,7 @@ The standard twin runs the same F and G as pre-norm residual blocks on one strea
 
 Padding: attention never reads a padded key (its probability is exactly 0), and every other
 op is per token, so padded positions change no output and no gradient at a real position,
-in every mode. Their own outputs are meaningless; ``revtorch.mlm.mlm_loss`` ignores them.
+in every mode. Their own outputs are meaningless; ``revtorch.mlm`` ignores them.
 
 Dtypes as ``revtorch.models.vit``: ``param_dtype`` by building in float32 and casting; a
 lower compute ``dtype`` (bfloat16, float16) runs under ``torch.autocast`` with the two streams
@@ -28,7 +28,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from .. import layers
+from .. import layers, mlm
 from ..stack import ResidualStack, RevStack
 from .registry import register_family
 from .config import check_dtypes, compute_context, resolve_mode, stack_options
@@ -189,6 +189,20 @@ class Roberta(nn.Module):
         h = self.features(ids, mask, mode=mode)
         with self._compute(ids):
             return self.head(h, self.tok_embed)
+
+    def loss(self, ids: Tensor, labels: Tensor, mask: Tensor | None = None, *,
+             mode: str | None = None, chunk: int = mlm.HEAD_CHUNK) -> Tensor:
+        """The MLM loss, ``mlm_loss(self(ids, mask), labels)``, without the full logits: the
+        head runs on the predicted positions only, ``chunk`` per row at a time, and its
+        logits are recomputed in the backward (``revtorch.mlm.head_loss``). The training
+        steps use it; ``forward`` still gives every position's logits."""
+        if tuple(labels.shape) != tuple(ids.shape):
+            raise ValueError(f"labels {tuple(labels.shape)} do not match ids "
+                             f"{tuple(ids.shape)}")
+        h = self.features(ids, mask, mode=mode)
+        with self._compute(ids):
+            return mlm.head_loss(lambda x: self.head(x, self.tok_embed), h, labels,
+                                 chunk=chunk)
 
 
 register_family("roberta", RobertaConfig, Roberta, VARIANTS)

@@ -301,6 +301,53 @@ def test_mlm_loss():
         mlm.mlm_loss(logits, labels[:, :2])
 
 
+@pytest.mark.parametrize("name", ["rev-roberta-test", "roberta-test"])
+def test_loss_without_the_full_logits_equals_the_mlm_loss(name):
+    """``model.loss`` (the head on the predicted positions, in chunks, rematerialised) gives
+    the loss and every gradient of ``mlm_loss(model(ids), labels)`` in float64, for chunks
+    of one position, a few, and more than the sequence; with padding; and 0 (gradients 0)
+    when nothing is predicted."""
+    with jax.enable_x64(True):
+        model = revjax.models.build(name, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+        ids, labels = batch(model.config)
+        full = nnx.value_and_grad(lambda m: mlm.mlm_loss(m(ids), labels))
+        want, want_g = full(model)
+        for chunk in (1, 3, 40):
+            loss, g = nnx.value_and_grad(lambda m: m.loss(ids, labels, chunk=chunk))(model)
+            assert rel_err(loss, want) <= 1e-12 and tree_rel_err(g, want_g) <= 1e-12, chunk
+        none = jnp.full_like(labels, mlm.IGNORE)
+        loss, g = nnx.value_and_grad(lambda m: m.loss(ids, none))(model)
+        assert float(loss) == 0.0 and all(float(jnp.abs(x).max()) == 0.0
+                                          for x in jax.tree.leaves(g))
+        with pytest.raises(ValueError, match="do not match"):
+            model.loss(ids, labels[:, :5])
+        with pytest.raises(ValueError, match="chunk"):
+            model.loss(ids, labels, chunk=0)
+
+
+def test_loss_without_the_full_logits_holds_one_chunk():
+    """Compiled memory of the gradient step at length 128 with a 4000-token vocabulary: the
+    full logits cost the head path (batch, length, vocab); ``model.loss`` holds one chunk's
+    (and the per-sample memory drops by more than half of the logits' bytes)."""
+    def temp(path, batch_size):
+        model = revjax.models.build("rev-roberta-test", rngs=nnx.Rngs(0), vocab_size=4000,
+                                    max_len=128)
+        graphdef, params = nnx.split(model)
+        ids = jnp.full((batch_size, 128), 5, jnp.int32)
+        labels = jnp.where(jnp.arange(128) % 7 == 0, ids, mlm.IGNORE)
+
+        def loss(params):
+            m = nnx.merge(graphdef, params)
+            return m.loss(ids, labels) if path == "chunks" else mlm.mlm_loss(m(ids), labels)
+
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    per_sample = {p: (temp(p, 4) - temp(p, 2)) / 2 for p in ("full", "chunks")}
+    logits_bytes = 128 * 4000 * 4
+    assert per_sample["full"] - per_sample["chunks"] >= 0.5 * logits_bytes, per_sample
+
+
 # --- errors and registry -------------------------------------------------------------------
 
 

@@ -270,6 +270,28 @@ def test_random_replacements_never_draw_padding():
     assert (labels == 5).all() and set(inputs.unique().tolist()) == {0, 2, 3, 5}
 
 
+@pytest.mark.parametrize("name", ["rev-roberta-test", "roberta-test"])
+def test_loss_without_the_full_logits_equals_the_mlm_loss(name):
+    """``model.loss`` (the head on the predicted positions, in checkpointed pieces) gives the
+    loss and every gradient of ``mlm_loss(model(ids), labels)`` in float64, for pieces of
+    one position per row, a few, and more than the sequence; 0 when nothing is predicted."""
+    model = build(name)
+    ids, labels = batch(model.config)
+    want, _, want_g = grads(model, ids, labels, model.mode)
+    for chunk in (1, 3, 40):
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(ids, labels, chunk=chunk)
+        loss.backward()
+        assert rel_err(loss.detach(), want) <= 1e-12, chunk
+        assert max_grad_err({n: p.grad for n, p in model.named_parameters()},
+                            want_g) <= 1e-12, chunk
+    assert float(model.loss(ids, torch.full_like(labels, mlm.IGNORE))) == 0.0
+    with pytest.raises(ValueError, match="do not match"):
+        model.loss(ids, labels[:, :5])
+    with pytest.raises(ValueError, match="chunk"):
+        model.loss(ids, labels, chunk=0)
+
+
 def test_mlm_loss():
     logits = torch.randn(2, 3, 7, generator=torch.Generator().manual_seed(0)).bfloat16()
     labels = torch.tensor([[1, mlm.IGNORE, 6], [mlm.IGNORE, mlm.IGNORE, 0]])
