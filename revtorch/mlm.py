@@ -146,7 +146,7 @@ def train_step(
     the loss. ``mask`` is the padding mask (None: derived from the model's ``pad_id``).
     Gradients are cleared first."""
     optimizer.zero_grad(set_to_none=True)
-    loss = model.loss(ids, labels, mask, mode=mode)
+    loss = model(ids, mask, mode=mode, labels=labels)
     loss.backward()
     optimizer.step()
     return loss.item()

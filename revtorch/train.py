@@ -96,14 +96,14 @@ def _check_task(task: str) -> None:
 
 def compute_loss(model: nn.Module, batch: tuple, *, task: str, mode: str | None) -> Tensor:
     """The task's loss on a batch: classification ``(images, labels)`` -> mean cross-entropy;
-    mlm ``(inputs, labels, mask)`` -> ``model.loss`` (``revtorch.mlm.head_loss``: the loss
-    without the full logits; mask: padding, may be None)."""
+    mlm ``(inputs, labels, mask)`` -> ``model(..., labels=labels)`` (``revtorch.mlm.head_loss``:
+    the loss without the full logits; mask: padding, may be None)."""
     _check_task(task)
     if task == "classification":
         images, labels = batch
         return cross_entropy_loss(model(images, mode=mode), labels)
     inputs, labels, mask = batch
-    return model.loss(inputs, labels, mask, mode=mode)
+    return model(inputs, mask, mode=mode, labels=labels)
 
 
 def scheduled_train_step(model: nn.Module, optimizer: torch.optim.Optimizer,

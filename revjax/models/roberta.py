@@ -149,7 +149,8 @@ class Roberta(nnx.Module):
         return self.norm(h)
 
     def __call__(self, ids: jax.Array, mask: jax.Array | None = None, *,
-                 mode: str | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
+                 mode: str | None = None, rngs: nnx.Rngs | None = None,
+                 labels: jax.Array | None = None) -> jax.Array:
         """MLM logits (batch, length, vocab_size) for token ids (batch, length).
 
         ``mask`` (batch, length), nonzero for real tokens, defaults to ``ids != pad_id``; it
@@ -157,6 +158,8 @@ class Roberta(nnx.Module):
         gather fills them with NaN). ``mode`` overrides the backward mode for this call;
         ``rngs`` (with a ``dropout`` stream) turns on dropout/drop-path in F and G.
         """
+        if labels is not None:  # the MLM loss instead (``loss``), as the torch twin
+            return self.loss(ids, labels, mask, mode=mode, rngs=rngs)
         return self.head(self.features(ids, mask, mode=mode, rngs=rngs), self.tok_embed)
 
     def loss(self, ids: jax.Array, labels: jax.Array, mask: jax.Array | None = None, *,

@@ -178,14 +178,17 @@ class Roberta(nn.Module):
                 h = self.blocks(h, mask, per_layer=keys)
             return self.norm(h)
 
-    def forward(self, ids: Tensor, mask: Tensor | None = None, *, mode: str | None = None
-                ) -> Tensor:
+    def forward(self, ids: Tensor, mask: Tensor | None = None, *, mode: str | None = None,
+                labels: Tensor | None = None) -> Tensor:
         """MLM logits (batch, length, vocab_size) for token ids (batch, length).
 
         ``mask`` (batch, length), nonzero for real tokens, defaults to ``ids != pad_id``; it
         is not differentiated. ``mode`` overrides the backward mode for this call (standard
-        twins: backprop only).
+        twins: backprop only). With ``labels``, the MLM loss instead (``loss``: without the
+        full logits), through ``forward`` so that DDP and FSDP wrappers see the call.
         """
+        if labels is not None:
+            return self.loss(ids, labels, mask, mode=mode)
         h = self.features(ids, mask, mode=mode)
         with self._compute(ids):
             return self.head(h, self.tok_embed)
