@@ -200,6 +200,10 @@ class _Module:
                                   for line in self.comps.get(comp, ())}
         return self._shapes[comp]
 
+    def region(self, comp: str) -> list:
+        """The kernels that an async region running computation ``comp`` launches."""
+        return [k for line in self.comps.get(comp, ()) for k in self.kernels(comp, line)]
+
     def flops(self, comp: str, line: str) -> float:
         """Multiply-adds x 2 of a dot, GEMM custom call or convolution (fusions: of the dots
         and convolutions inside); 0 for anything else."""
@@ -344,8 +348,7 @@ def simulate(comps: dict[str, list[str]], body: str, model: CostModel = H200) ->
         _, name, _, op, operands, attrs = _parse(line)
         called = _CALLED.search(attrs)
         if op in _STARTS and called:
-            work = [k for inner in module.comps.get(called.group(1), ())
-                    for k in module.kernels(called.group(1), inner)]
+            work = module.region(called.group(1))
             stream = _stream_of(module, line, called.group(1), name)
             begin = max(t, free.get(stream, 0.0))
             end = free[stream] = begin + sum(model.time(*k) for k in work)
@@ -384,8 +387,7 @@ def dataflow_ratio(comps: dict[str, list[str]], body: str, model: CostModel = H2
         _, name, _, op, operands, attrs = _parse(line)
         called = _CALLED.search(attrs)
         if op in _STARTS and called:
-            work = [k for inner in module.comps.get(called.group(1), ())
-                    for k in module.kernels(called.group(1), inner)]
+            work = module.region(called.group(1))
         else:
             work = list(module.kernels(body, line))
         cost = sum(model.time(*k) for k in work)

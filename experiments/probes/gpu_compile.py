@@ -87,6 +87,17 @@ def compile_step(name: str, mode: str, topo, *, streams: bool = False, optimizer
         st.GPU_STREAMS, st.GPU_REGION = saved
 
 
+def rerun_with_plugin(module: str, argv) -> int | None:
+    """None when this process sees the CUDA plugin (go on here); otherwise the exit code of
+    ``python -m module argv`` run where it is seen, or 2 (with the reason) where it is not
+    installed at all."""
+    try:
+        return gpu.rerun_with_plugin(module, argv)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m experiments.bench gpu-compile",
@@ -98,11 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--out", default="results/gpu_compile.json")
     args = p.parse_args(argv)
-    try:  # None: this process sees the plugin
-        rc = gpu.rerun_with_plugin("experiments.probes.gpu_compile", argv)
-    except RuntimeError as e:  # not installed at all
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rc = rerun_with_plugin("experiments.probes.gpu_compile", argv)
     if rc is not None:
         return rc
     topo = gpu.topology("h200")

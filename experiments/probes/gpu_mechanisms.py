@@ -33,7 +33,8 @@ import jax  # noqa: E402
 from revjax import gpu  # noqa: E402
 
 from experiments.common import atomic_write_json, environment, table  # noqa: E402
-from experiments.probes.gpu_compile import TEST_OVERRIDES, compile_step  # noqa: E402
+from experiments.probes.gpu_compile import (  # noqa: E402
+    TEST_OVERRIDES, compile_step, rerun_with_plugin)
 
 LHS = {"xla_gpu_enable_latency_hiding_scheduler": True}
 # name -> (GPU_STREAMS, GPU_REGION, extra XLA options)
@@ -85,11 +86,7 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="", help="names the run (e.g. the XLA_FLAGS it had)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    try:  # None: this process sees the plugin
-        rc = gpu.rerun_with_plugin("experiments.probes.gpu_mechanisms", argv)
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rc = rerun_with_plugin("experiments.probes.gpu_mechanisms", argv)
     if rc is not None:
         return rc
     topo = gpu.topology("h200")
